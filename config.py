@@ -1,0 +1,291 @@
+"""Every knob of a run, with its default and a one-line doc, and the loader for config files and flags.
+
+    python train.py --config configs/demo.py --learning_rate=3e-5 --max-steps 10
+
+A config file is Python (its top-level lowercase names are Config fields; modules, functions,
+classes, _private and UPPER_CASE names are left alone), JSON or YAML (a flat mapping of fields). Flags come after and win: `--key=value` or `--key value`, dashes or underscores.
+Defaults follow AlignTune's NMGRPO documentation.
+"""
+import ast
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+def _f(default, doc, group):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, "group": group})
+    return field(default=default, metadata={"doc": doc, "group": group})
+
+
+@dataclass
+class Config:
+    # model
+    model_name: str = _f("Qwen/Qwen3-0.6B", "Hub name or local folder of a causal LM (from_pretrained)", "model")
+    tokenizer_name: Optional[str] = _f(None, "tokenizer to load, if not the model's", "model")
+    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where the device supports it, else fp32)", "model")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory", "model")
+    max_seq_length: int = _f(512, "longest prompt+completion the model is asked to handle (checked against its context)", "model")
+    enable_thinking: Optional[bool] = _f(None, "passed to the chat template (Qwen3 thinking mode); None leaves the template's default", "model")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N", "model")
+    # data
+    dataset_name: Any = _f("openai/gsm8k", "Hub name, local file/folder (json/jsonl/csv/parquet), 'toy', or a list of dicts", "data")
+    dataset_config: Optional[str] = _f(None, "dataset config name (gsm8k's is 'main'; presets fill it)", "data")
+    split: str = _f("train", "training split in HF syntax, e.g. 'train[:1%]'", "data")
+    eval_split: Optional[str] = _f(None, "held-out split (e.g. 'test[:200]'); None carves eval_size prompts off train", "data")
+    eval_size: int = _f(64, "held-out prompts carved off train when eval_split is None (0: no eval)", "data")
+    max_samples: Optional[int] = _f(None, "cap on training examples", "data")
+    column_mapping: dict = _f({}, "dataset column -> role ('prompt', 'reference'), e.g. {'question': 'prompt'}", "data")
+    system_prompt: Optional[str] = _f(None, "system message put before every prompt", "data")
+    processing_fn: Any = _f(None, "callable row -> row (or 'module:function') applied before mapping", "data")
+    # training
+    num_epochs: int = _f(1, "passes over the training prompts (used when max_steps <= 0)", "training")
+    max_steps: int = _f(1600, "sampling steps; > 0 overrides num_epochs", "training")
+    batch_size: int = _f(16, "prompts per device per step", "training")
+    num_generations: int = _f(32, "completions sampled per prompt (the group size G)", "training")
+    gradient_accumulation_steps: int = _f(1, "micro-batches each step's B*G completions are cut into", "training")
+    learning_rate: float = _f(1e-5, "peak learning rate", "training")
+    weight_decay: float = _f(0.0, "decoupled weight decay", "training")
+    adam_beta1: float = _f(0.9, "Adam beta1", "training")
+    adam_beta2: float = _f(0.999, "Adam beta2", "training")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon", "training")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (<= 0: no clipping)", "training")
+    optimizer: str = _f("adamw_torch", "adamw_torch | adamw | adam | sgd", "training")
+    lr_scheduler: str = _f("cosine", "any transformers scheduler: linear, cosine, constant, constant_with_warmup, ...", "training")
+    warmup_steps: int = _f(10, "optimizer updates of linear warmup", "training")
+    seed: int = _f(42, "seed of everything random: data order, sampling, dropout", "training")
+    # GRPO
+    epsilon: float = _f(0.2, "clip range of the ratio", "grpo")
+    epsilon_low: Optional[float] = _f(None, "lower clip range (default: epsilon)", "grpo")
+    epsilon_high: Optional[float] = _f(None, "upper clip range (default: epsilon; DAPO uses 0.28)", "grpo")
+    num_iterations: int = _f(1, "optimizer passes over each sampled batch (mu); > 1 uses old log-probs", "grpo")
+    loss_type: str = _f("grpo", "grpo (per-sequence mean) | bnpo (per-token mean) | dr_grpo | dapo", "grpo")
+    scale_rewards: str = _f("group", "divide advantages by the std of: group | batch | none (Dr. GRPO)", "grpo")
+    mask_truncated_completions: bool = _f(False, "drop completions that hit max_completion_length from the loss", "grpo")
+    # regulariser
+    divergence_type: str = _f("neural_mirror", "neural_mirror | kl | prob_l2 | none", "mirror")
+    mirror_coefficient: float = _f(1e-4, "weight of the Bregman divergence (neural_mirror, prob_l2)", "mirror")
+    mirror_init_scale: float = _f(0.01, "mirror parameters start as uniform(0, 1) * this", "mirror")
+    mirror_seed: int = _f(42, "seed of the mirror initialisation", "mirror")
+    beta: float = _f(0.04, "weight of the k3 KL estimator (divergence_type='kl')", "mirror")
+    # sampling
+    max_prompt_length: int = _f(768, "prompts longer than this are cut from the left (and counted)", "sampling")
+    max_completion_length: int = _f(256, "new tokens per completion", "sampling")
+    temperature: float = _f(0.8, "sampling temperature (log-probs are taken at the same temperature)", "sampling")
+    top_p: float = _f(0.9, "nucleus sampling mass (1.0: off)", "sampling")
+    top_k: int = _f(0, "keep the k most likely tokens (0: off)", "sampling")
+    # rewards
+    reward_functions: Optional[list] = _f(None, "reward names or callables, summed with reward_function_weights (default: math_correctness)", "rewards")
+    reward_function_weights: Optional[list] = _f(None, "one weight per reward function (default: 1.0 each)", "rewards")
+    rewards: Optional[list] = _f(None, "the other form: [{'type': name, 'weight': w, 'params': {...}}, ...]", "rewards")
+    # logging, eval, checkpoints
+    output_dir: str = _f("./output", "metrics.jsonl, samples.jsonl and checkpoints go here", "logging")
+    logging_steps: int = _f(1, "log metrics every this many steps", "logging")
+    log_completions: int = _f(2, "sample completions written to samples.jsonl at each logging step", "logging")
+    eval_steps: int = _f(100, "evaluate on the held-out prompts every this many steps (0: only at the end)", "logging")
+    eval_on_start: bool = _f(False, "evaluate once before the first step", "logging")
+    eval_batch_size: int = _f(64, "held-out prompts per greedy sampling batch", "logging")
+    save_steps: int = _f(100, "checkpoint every this many steps (0: only at the end)", "logging")
+    save_total_limit: int = _f(2, "checkpoints kept (the oldest are deleted)", "logging")
+    resume: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from", "logging")
+    logprob_chunk_size: int = _f(1024, "tokens per chunk of the log-prob kernel (memory is chunk x vocab)", "logging")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+CHOICES = {
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "optimizer": ("adamw_torch", "adamw", "adam", "sgd"),
+    "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "scale_rewards": ("group", "batch", "none"),
+    "divergence_type": ("neural_mirror", "kl", "prob_l2", "none"),
+}
+
+
+def did_you_mean(name, options):
+    """' (did you mean X?)' for the closest option, or ''."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _base_type(tp):
+    """The concrete type of a field: Optional[int] -> (int, True); Any -> (None, ...)."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else None), True
+    return (None if tp is Any else tp), False
+
+
+def parse_value(key, text):
+    """Turn the string of a `--key=value` flag into the field's type; ValueError names the key."""
+    tp, optional = _base_type(FIELDS[key].type)
+    low = text.strip().lower()
+    if optional and low in ("none", "null"):
+        return None
+    try:
+        if tp is bool:
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp in (int, float):
+            return tp(float(text)) if tp is int and float(text).is_integer() else tp(text)
+        if tp in (list, dict) or tp is None:
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                return ast.literal_eval(text) if tp is not None else text
+        return text
+    except (ValueError, SyntaxError):
+        want = {bool: "true or false", int: "an integer", float: "a number", list: "a list like [1, 2]",
+                dict: "a mapping like {\"a\": 1}"}.get(tp, str(tp))
+        raise ValueError(f"--{key}={text!r} is not {want}") from None
+
+
+def _check_type(key, value):
+    tp, optional = _base_type(FIELDS[key].type)
+    if value is None and optional or tp is None:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, tuple):
+        return list(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} should be {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def read_file(path):
+    """The {field: value} mapping of a .py, .json or .yaml config file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".py":
+        scope = {"__file__": os.path.abspath(path), "__name__": "__config__"}
+        exec(compile(open(path).read(), path, "exec"), scope)
+        skip = (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)
+        return {k: v for k, v in scope.items() if k in FIELDS or not (
+            k.startswith("_") or k.isupper() or isinstance(v, skip) or _is_typing(v))}
+    if ext == ".json":
+        try:
+            return json.load(open(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+    if ext in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("reading YAML configs needs PyYAML: pip install pyyaml") from None
+        try:
+            data = yaml.safe_load(open(path)) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r} should hold a mapping of fields")
+        for k, v in data.items():  # PyYAML reads 1e-5 (no dot) as a string
+            if isinstance(v, str) and k in FIELDS and _base_type(FIELDS[k].type)[0] is float:
+                data[k] = parse_value(k, v)
+        return data
+    raise ValueError(f"config file {path!r}: use a .py, .json or .yaml file")
+
+
+def _is_typing(v):
+    return getattr(v, "__module__", None) == "typing" or isinstance(v, dataclasses.Field)
+
+
+def make(overrides=None, **kwargs):
+    """A validated Config from a mapping and keyword arguments; unknown keys get a did-you-mean."""
+    values = {**(overrides or {}), **kwargs}
+    for key in values:
+        if key not in FIELDS:
+            raise ValueError(f"unknown config key '{key}'{did_you_mean(key, FIELDS)}")
+    cfg = Config(**{k: _check_type(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def parse_args(argv):
+    """(config file or None, {key: raw string}) from `--config FILE --key=value --key value ...`."""
+    path, flags, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                if key in FIELDS and _base_type(FIELDS[key].type)[0] is bool:
+                    value = "true"
+                else:
+                    raise ValueError(f"--{key} needs a value: --{key}=VALUE")
+            else:
+                i, value = i + 1, argv[i + 1]
+        if key == "config":
+            path = value
+        elif key not in FIELDS:
+            raise ValueError(f"unknown flag --{key}{did_you_mean(key, FIELDS)}")
+        else:
+            flags[key] = parse_value(key, value)
+        i += 1
+    return path, flags
+
+
+def load(argv):
+    """The Config of a command line: the config file's values, then the flags on top."""
+    path, flags = parse_args(argv)
+    return make({**(read_file(path) if path else {}), **flags})
+
+
+def validate(cfg):
+    """Raise ValueError, naming the key and the fix, for a config that cannot run."""
+    for key, options in CHOICES.items():
+        if getattr(cfg, key) not in options:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(options)}"
+                             f"{did_you_mean(getattr(cfg, key), options)}")
+    from transformers import SchedulerType
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler not in schedulers:
+        raise ValueError(f"lr_scheduler={cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}"
+                         f"{did_you_mean(cfg.lr_scheduler, schedulers)}")
+    positive = ["batch_size", "max_completion_length", "max_prompt_length", "gradient_accumulation_steps",
+                "num_iterations", "logging_steps", "eval_batch_size", "logprob_chunk_size", "max_seq_length"]
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
+    for key in ("learning_rate", "temperature"):
+        if not getattr(cfg, key) > 0 or not math.isfinite(getattr(cfg, key)):
+            raise ValueError(f"{key}={getattr(cfg, key)} must be a positive number")
+    for key in ("mirror_coefficient", "mirror_init_scale", "beta", "weight_decay", "epsilon", "warmup_steps",
+                "top_k", "eval_size", "save_steps", "eval_steps", "log_completions"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.num_generations < 2:
+        raise ValueError(f"num_generations={cfg.num_generations}: group-relative advantages need at least 2")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.max_steps <= 0 and cfg.num_epochs < 1:
+        raise ValueError("set max_steps > 0 or num_epochs >= 1")
+    if cfg.save_total_limit < 1:
+        raise ValueError(f"save_total_limit={cfg.save_total_limit} must be at least 1")
+    if (cfg.batch_size * cfg.num_generations) % cfg.gradient_accumulation_steps:
+        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide "
+                         f"batch_size*num_generations={cfg.batch_size * cfg.num_generations}")
+
+
+def describe():
+    """Every knob with its default and doc, grouped: the body of `--help`."""
+    lines, group = [], None
+    for f in dataclasses.fields(Config):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(f"\n{group}:")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name}={default!r}\n      {f.metadata['doc']}")
+    return "\n".join(lines)

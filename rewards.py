@@ -1,0 +1,415 @@
+"""
+Rewards: score decoded completions against their references.
+
+A reward is a plain function `f(text, reference=None, **kwargs) -> float`. `text` is one decoded
+completion, `reference` its dataset answer (or None), and kwargs carry the reward's own params
+together with the other columns of the dataset row (`test_list`, `context`, ...), so every reward
+takes `**kwargs` and ignores what it does not use. Params win over row columns of the same name.
+
+Two config forms say which rewards to use (give one, not both):
+
+    rewards=[{"type": "math_correctness", "weight": 1.0},
+             {"type": "length", "weight": 0.1, "params": {"max_length": 300}}]
+    reward_functions=["math_correctness", "length"], reward_function_weights=[1.0, 0.1]
+
+A "type" or a reward_functions entry is a registered name or a callable of the same shape; a dict
+entry may add "name" to label its metrics column. resolve() turns either form into a list of Reward
+and checks names, weights and params up front; score() runs them over a batch.
+
+A reward that raises or returns a non-finite value stops score() with an error naming it; nothing is
+swallowed. A reward that can fail on bad completions (running generated code, say) catches that
+itself and returns its low score.
+
+To add a reward, write the function and decorate it:
+
+    @register("my_reward")
+    def my_reward(text, reference=None, scale=1.0, **kwargs):
+        return scale * float(text.strip() == reference)
+
+`register(name, check=fn)` may also give a function of the params alone that raises ValueError,
+so that resolve() rejects bad params before training starts.
+"""
+
+import bisect
+import difflib
+import inspect
+import math
+import numbers
+import re
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import Callable, NamedTuple
+
+REWARDS = {}  # name -> reward function
+CHECKS = {}  # name -> function(**params) that raises ValueError on bad params
+ALIASES = {}  # another name -> registered name
+
+
+def register(name, check=None):
+    """Decorator: add a reward function to REWARDS under `name`."""
+    def deco(fn):
+        REWARDS[name] = fn
+        if check is not None:
+            CHECKS[name] = check
+        return fn
+    return deco
+
+
+def _did_you_mean(word, choices):
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# -----------------------------------------------------------------------------
+# answer extraction
+
+# an optional sign (not after a word or a closing bracket, so "5-3" is not -3), a decimal or
+# scientific number, and an optional "/denominator"; never inside a word or a date like 12/25/2023
+_NUM = re.compile(r"(?:(?<![\w)\]}])(-))?(?<![\w./])(\d+(?:\.\d+)?(?:[eE][-+]?\d{1,2})?|\.\d+)"
+                  r"(?:/(\d+(?:\.\d+)?))?(?!/?\d)")
+_TEXT = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+_FRAC = re.compile(r"(?<!\d)(\d+)?\\[dt]?frac\s*(?:\{\s*(-?\d+(?:\.\d+)?)\s*\}|(\d))"
+                   r"\s*(?:\{\s*(\d+(?:\.\d+)?)\s*\}|(\d))")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_LATEX = {"\\$": "$", "\\%": "%", "{,}": ",", "\\!": "", "\\,": "", "\\;": " ", "\\ ": " ",
+          "\\left": "", "\\right": "", "^{\\circ}": "", "^\\circ": "", "\u2212": "-"}
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS = re.compile(r"\banswer\s*(?:is\b|:|=)", re.IGNORECASE)
+_UNITS = re.compile(r"\.?(?:\s+[A-Za-z][A-Za-z .]*(?:\^\{?\d+\}?)?)?\s*")  # " apples", " cm^2"
+
+
+def _frac_to_slash(m):
+    whole, num, den = m[1], m[2] or m[3], m[4] or m[5]
+    if whole is None or float(den) == 0 or len(m[0]) > 100:
+        return f"{whole or ''}{num}/{den}"  # left for _fraction to accept or refuse
+    return _format(int(whole) + Fraction(num) / Fraction(den))  # mixed number: 2\frac{1}{2}
+
+
+def _clean(text):
+    """LaTeX and thousands separators out of the way: \\frac{3}{4} -> 3/4, 1,234 -> 1234."""
+    text = _TEXT.sub(r" \1", text)
+    for old, new in _LATEX.items():
+        text = text.replace(old, new)
+    text = _FRAC.sub(_frac_to_slash, text)
+    return _THOUSANDS.sub("", text)
+
+
+def _fraction(m):
+    """The exact value of a _NUM match, or None (division by zero, over 100 characters)."""
+    sign, num, den = m.groups()
+    if den is not None and float(den) == 0 or len(m[0]) > 100:
+        return None
+    x = Fraction(num) / Fraction(den) if den else Fraction(num)
+    return -x if sign else x
+
+
+def _format(x):
+    """Canonical string of a Fraction: '72', '-3.5', '1/3' (decimals only when they terminate)."""
+    if x.denominator == 1:
+        return str(x.numerator)
+    d, twos, fives = x.denominator, 0, 0
+    while d % 2 == 0:
+        d, twos = d // 2, twos + 1
+    while d % 5 == 0:
+        d, fives = d // 5, fives + 1
+    if d != 1:
+        return f"{x.numerator}/{x.denominator}"
+    k = max(twos, fives)
+    digits = str(abs(x.numerator) * 10**k // x.denominator).rjust(k + 1, "0")
+    return ("-" if x < 0 else "") + digits[:-k] + "." + digits[-k:]
+
+
+def _whole(text):
+    """The value of text that is one number and nothing else but $, %, units, or a leading 'x ='."""
+    s = _clean(text).split("=")[-1].replace("$", "").replace("%", "").strip().removeprefix("+")
+    m = _NUM.match(s)
+    return _fraction(m) if m and _UNITS.fullmatch(s, m.end()) else None
+
+
+def _last_boxed(text):
+    """Content of the last \\boxed{...} with balanced braces, or None."""
+    stop = len(text)
+    for m in reversed(list(_BOXED.finditer(text))):
+        depth = 1
+        for i in range(m.end(), stop):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[m.end():i]
+        stop = m.start()  # a box still open at the start of an unclosed later one never closes
+    return None
+
+
+def _answer(text, last_number=True):
+    """The answer of text as a Fraction, by the rules of extract_answer."""
+    if not text:
+        return None
+    text = _clean(text)
+    nums = [(m.start(), x) for m in _NUM.finditer(text) if (x := _fraction(m)) is not None]
+
+    def first_after(pos):
+        j = bisect.bisect_left(nums, pos, key=lambda n: n[0])
+        return nums[j][1] if j < len(nums) else None
+
+    if "####" in text and (x := first_after(text.rfind("####") + 4)) is not None:
+        return x
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _whole(boxed)
+    for m in reversed(list(_ANSWER_IS.finditer(text))):
+        if (x := first_after(m.end())) is not None:
+            return x
+    return nums[-1][1] if nums and last_number else None
+
+
+def extract_answer(text):
+    """
+    The final numeric answer of a completion as a canonical string, or None. In priority order:
+    the first number after the last "####" (GSM8K); else the content of the last \\boxed{...}, which
+    must be a number (else None: "\\sqrt{2}" is not 2); else the first number after the last
+    "the answer is" / "answer:"; else the last number in the text. Commas, $, %, units, a leading
+    "x =" and LaTeX wrappers (\\text, \\frac, \\dfrac, \\tfrac) are dropped; "1e3" is 1000. Equal
+    values give equal strings: "3.50" -> "3.5", "10/4" -> "2.5", "\\frac{1}{3}" -> "1/3".
+    """
+    x = _answer(text)
+    return None if x is None else _format(x)
+
+
+def parse_number(s):
+    """The value of a string that is a single number ("1,234", "$18", "3/4", "-\\dfrac{1}{2}", "25%"), or None."""
+    x = _whole(s) if isinstance(s, str) else None
+    return None if x is None else float(x)
+
+
+def _value(x, is_reference):
+    if _is_number(x):
+        return Fraction(x)
+    if not isinstance(x, str):
+        return None
+    if is_reference:  # a reference is a bare number or carries a marker; its stray numbers never count
+        whole = _whole(x)
+        return whole if whole is not None else _answer(x, last_number=False)
+    return _answer(x)
+
+
+def math_equal(pred, ref, tolerance=1e-6):
+    """
+    True when the answer in `pred` equals the one in `ref` within `tolerance` (relative and
+    absolute, like math.isclose). `pred` is read with extract_answer. `ref` may be a number, a
+    number string ("72", "3/4", "\\frac{1}{2}"), or a raw solution with a "####" or \\boxed marker;
+    a reference that is neither ("\\sqrt{2}") matches nothing.
+    """
+    a, b = _value(pred, False), _value(ref, True)
+    if a is None or b is None:
+        return False
+    tol = Fraction(tolerance)
+    return abs(a - b) <= max(tol * max(abs(a), abs(b)), tol)
+
+
+# -----------------------------------------------------------------------------
+# rewards
+
+
+def _check_math(tolerance=1e-6):
+    if not _is_number(tolerance) or tolerance < 0:
+        raise ValueError(f"math_correctness: tolerance must be a number >= 0, got {tolerance!r}")
+
+
+@register("math_correctness", check=_check_math)
+def math_correctness(text, reference=None, tolerance=1e-6, **kwargs):
+    """1.0 if the final answer in text equals the reference (see math_equal), else 0.0; 0.0 without a reference."""
+    _check_math(tolerance)
+    return float(math_equal(text, reference, tolerance))
+
+
+_LENGTH_UNITS = ("words", "chars")
+
+
+def _check_length(min_length=None, max_length=None, target_length=None, unit="words"):
+    for name, v, least in (("min_length", min_length, 0), ("max_length", max_length, 1), ("target_length", target_length, 1)):
+        if v is not None and (not _is_number(v) or v < least):
+            raise ValueError(f"length: {name} must be a number >= {least}, got {v!r}")
+    if min_length is not None and max_length is not None and min_length > max_length:
+        raise ValueError(f"length: min_length ({min_length}) is greater than max_length ({max_length})")
+    if target_length is not None and (min_length is not None or max_length is not None):
+        raise ValueError("length: give target_length or min_length/max_length, not both")
+    if unit not in _LENGTH_UNITS:
+        raise ValueError(f"length: unit must be one of {_LENGTH_UNITS}, got {unit!r}{_did_you_mean(unit, _LENGTH_UNITS)}")
+
+
+@register("length", check=_check_length)
+def length(text, reference=None, min_length=None, max_length=None, target_length=None, unit="words", **kwargs):
+    """
+    A length score in [0, 1]; n counts whitespace-separated words (unit="words") or characters
+    (unit="chars"). With target_length t: 1 - |n - t| / t, floored at 0. With min_length and/or
+    max_length: 1 inside the range, n / min_length below it, 1 - (n - max_length) / max_length above
+    it (0 from twice max_length on). With no length given: the range [10, 500].
+    """
+    _check_length(min_length, max_length, target_length, unit)
+    if min_length is None and max_length is None and target_length is None:
+        min_length, max_length = 10, 500
+    n = len(text.split()) if unit == "words" else len(text)
+    if target_length is not None:
+        return max(0.0, 1.0 - abs(n - target_length) / target_length)
+    if min_length is not None and n < min_length:
+        return n / min_length
+    if max_length is not None and n > max_length:
+        return max(0.0, 1.0 - (n - max_length) / max_length)
+    return 1.0
+
+
+# -----------------------------------------------------------------------------
+# configuration and scoring
+
+
+class Reward(NamedTuple):
+    name: str  # the metrics column
+    fn: Callable  # f(text, reference=None, **kwargs) -> float
+    weight: float
+    params: dict
+
+
+_ENTRY_KEYS = ("type", "weight", "params", "name")
+
+
+def _entry(e, i):
+    """(type, weight, params, name) of one item of the `rewards` form."""
+    if isinstance(e, str) or callable(e):
+        e = {"type": e}
+    if not isinstance(e, Mapping):
+        raise ValueError(f"rewards[{i}] must be a dict like {{'type': 'length', 'weight': 0.1, 'params': {{...}}}}, got {e!r}")
+    for k in e:
+        if k not in _ENTRY_KEYS:
+            raise ValueError(f"rewards[{i}] has unknown key {k!r}{_did_you_mean(k, _ENTRY_KEYS)}; accepted keys: {', '.join(_ENTRY_KEYS)}")
+    if "type" not in e:
+        raise ValueError(f"rewards[{i}] needs a 'type': a reward name or a callable")
+    params = e.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"rewards[{i}] params must be a dict, got {params!r}")
+    return e["type"], e.get("weight", 1.0), dict(params), e.get("name")
+
+
+def _lookup(kind):
+    """(fn, name, registered) for a reward name or callable."""
+    if callable(kind):
+        name = next((n for n, f in REWARDS.items() if f is kind), None)
+        return kind, name or getattr(kind, "__name__", type(kind).__name__), name is not None
+    if not isinstance(kind, str):
+        raise ValueError(f"a reward is a name or a callable, got {kind!r}")
+    name = ALIASES.get(kind, kind)
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {kind!r}{_did_you_mean(kind, [*REWARDS, *ALIASES])}; "
+                         f"known rewards: {', '.join(sorted(REWARDS))}")
+    return REWARDS[name], name, True
+
+
+def _keywords(fn):
+    """The keyword names fn takes after (text, reference), or None when it takes **kwargs or hides its signature."""
+    try:
+        ps = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in ps):
+        return None
+    return {p.name for p in ps[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _check_params(name, fn, params, registered):
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    if registered:  # a registered reward's **kwargs is for row columns, so its params are the named ones
+        accepted = [p.name for p in list(sig.parameters.values())[2:] if p.kind is not p.VAR_KEYWORD]
+        for k in params:
+            if k not in accepted:
+                raise ValueError(f"reward {name!r} has no param {k!r}{_did_you_mean(k, accepted)}; "
+                                 f"accepted: {', '.join(accepted) or 'none'}")
+        if name in CHECKS:
+            CHECKS[name](**params)
+    try:
+        sig.bind("", None, **params)
+    except TypeError as e:
+        raise ValueError(f"reward {name!r} cannot be called as {name}(text, reference, **params): {e}") from None
+
+
+def _as_list(x):
+    return [x] if isinstance(x, (str, Mapping)) or callable(x) else list(x)
+
+
+def resolve(rewards=None, reward_functions=None, reward_function_weights=None):
+    """
+    The configured rewards as a list of Reward, from either config form (see the module doc).
+    Names, weights and params are checked here; any problem is a ValueError saying what to fix.
+    """
+    if rewards and (reward_functions or reward_function_weights):
+        raise ValueError("both rewards and reward_functions/reward_function_weights are set; they are two "
+                         "forms of the same setting, use one")
+    if rewards:
+        entries = [_entry(e, i) for i, e in enumerate(_as_list(rewards))]
+    elif reward_functions:
+        kinds = _as_list(reward_functions)
+        weights = [1.0] * len(kinds) if reward_function_weights is None else _as_list(reward_function_weights)
+        if len(weights) != len(kinds):
+            raise ValueError(f"got {len(weights)} reward_function_weights for {len(kinds)} reward_functions; "
+                             "give one weight per function")
+        entries = [(k, w, {}, None) for k, w in zip(kinds, weights)]
+    elif reward_function_weights:
+        raise ValueError("reward_function_weights is set without reward_functions")
+    else:
+        raise ValueError("no rewards configured: set rewards=[{'type': 'math_correctness'}] or "
+                         "reward_functions=['math_correctness']")
+    out, seen = [], set()
+    for kind, weight, params, label in entries:
+        fn, name, registered = _lookup(kind)
+        if not _is_number(weight):
+            raise ValueError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
+        _check_params(name, fn, params, registered)
+        label = label or name
+        if label in seen:
+            k = 2
+            while f"{label}_{k}" in seen:
+                k += 1
+            label = f"{label}_{k}"
+        seen.add(label)
+        out.append(Reward(label, fn, float(weight), params))
+    return out
+
+
+def score(rewards, texts, references, rows=None):
+    """
+    Run resolved rewards over N completions. `references` has N items (None allowed); `rows` is
+    N dicts (or None) of the other dataset columns, passed as kwargs (a reward without **kwargs gets only the
+    ones it names; "text" and "reference" are never passed). Returns (total, columns): the weighted
+    sum per completion and, per reward name in order, its unweighted values.
+    """
+    n = len(texts)
+    if len(references) != n or rows is not None and len(rows) != n:
+        raise ValueError(f"score: {n} texts but {len(references)} references"
+                         + ("" if rows is None else f" and {len(rows)} rows"))
+    if len({r.name for r in rewards}) != len(rewards):
+        raise ValueError("score: two rewards share a name; build the list with resolve()")
+    rows = rows if rows is not None else [None] * n
+    total, columns = [0.0] * n, {}
+    for r in rewards:
+        names, col = _keywords(r.fn), []
+        for i, (text, ref, row) in enumerate(zip(texts, references, rows)):
+            kw = {k: v for k, v in (row or {}).items() if k not in ("text", "reference") and (names is None or k in names)}
+            kw.update(r.params)
+            try:
+                v = r.fn(text, ref, **kw)
+            except Exception as e:
+                raise RuntimeError(f"reward {r.name!r} failed on completion {i}: {type(e).__name__}: {e}") from e
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"reward {r.name!r} returned {v!r} on completion {i}; a reward returns a float") from None
+            if not math.isfinite(v):
+                raise ValueError(f"reward {r.name!r} returned {v} on completion {i}; rewards must be finite")
+            col.append(v)
+            total[i] += r.weight * v
+        columns[r.name] = col
+    return total, columns

@@ -1,0 +1,200 @@
+"""data.py: loading, presets, eval carving, prompt rendering, encoding and the batch stream. Offline."""
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import tiny  # noqa: E402
+
+ROWS = data.toy_task(12, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny.make_tiny(str(folder), corpus=[r["question"] for r in data.toy_task(200)])
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def write(path, rows):
+    """Write rows to a json/jsonl/csv/parquet file by suffix; returns the path as str."""
+    ds = Dataset.from_list(rows)
+    {".json": lambda p: Path(p).write_text(json.dumps(rows)), ".jsonl": ds.to_json,
+     ".csv": lambda p: ds.to_csv(p, index=False), ".parquet": ds.to_parquet}[path.suffix](str(path))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- loading
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_local_files_mapping_and_autodetect(tmp_path, suffix):
+    path = write(tmp_path / f"d{suffix}", ROWS)
+    mapped, ev = data.load_examples(path, column_mapping={"question": "prompt", "answer": "reference"})
+    auto, _ = data.load_examples(path)
+    expected = [{"prompt": r["question"], "reference": r["answer"]} for r in ROWS]
+    assert mapped == auto == expected and ev == []
+
+
+def test_split_syntax_and_max_samples(tmp_path):
+    path = write(tmp_path / "d.jsonl", ROWS)
+    assert [e["prompt"] for e in data.load_examples(path, split="train[:5]")[0]] == [r["question"] for r in ROWS[:5]]
+    assert len(data.load_examples(path, max_samples=4)[0]) == 4
+    assert len(data.load_examples(ROWS, split="train[:50%]")[0]) == 6
+
+
+def test_folders(tmp_path):
+    Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    train, _ = data.load_examples(tmp_path / "saved", split="train[2:4]")
+    assert [e["prompt"] for e in train] == [r["question"] for r in ROWS[2:4]]
+    (tmp_path / "files").mkdir()
+    write(tmp_path / "files" / "train.jsonl", ROWS)
+    assert [e["prompt"] for e in data.load_examples(str(tmp_path / "files"))[0]] == [r["question"] for r in ROWS]
+
+
+def test_gsm8k_preset_and_extraction():
+    for name in ("openai/gsm8k", "gsm8k", "toy"):
+        assert data.preset_for(name)["config_name"] == "main"
+    assert data.preset_for("EleutherAI/hendrycks_math") is data.preset_for("math")
+    assert data.preset_for("someone/unknown") is None
+    assert data.extract_gsm8k("Janet sells 16 - 3 - 4 = 9 eggs... 9 * 2 = 18\n#### 18") == "18"
+    assert data.extract_gsm8k("#### 1,234") == "1234"
+    assert data.extract_gsm8k("no marker") is None
+    train, _ = data.load_examples("toy", max_samples=30, seed=1)
+    raw = data.toy_task(30, seed=1)
+    assert len(train) == 30
+    assert [(e["prompt"], e["reference"]) for e in train] == [(r["question"], r["answer"].split("#### ")[1]) for r in raw]
+
+
+def test_boxed_extraction():
+    assert data.extract_boxed(r"so \boxed{1} then \boxed{\frac{a}{b}} done") == r"\frac{a}{b}"
+    assert data.extract_boxed(r"\boxed{x") is None
+    assert data.extract_boxed("none") is None
+
+
+def test_missing_column_and_bad_processing_fn():
+    with pytest.raises(ValueError, match=r"nope.*'answer'.*'question'"):
+        data.load_examples(ROWS, column_mapping={"nope": "prompt"})
+    with pytest.raises(ValueError, match="column_mapping"):
+        data.load_examples([{"text_a": "x"}])
+    for bad in ("no_such_module_xyz:f", "json:no_such_fn", "json"):
+        with pytest.raises(ValueError, match="processing_fn"):
+            data.load_examples(ROWS, processing_fn=bad)
+
+
+def test_processing_fn_and_extra_columns():
+    rows = [{"text": f"write f{i}", "code": f"def f{i}(): pass", "test_list": [f"assert f{i}() is None"]}
+            for i in range(3)]
+    train, _ = data.load_examples(rows, column_mapping={"text": "prompt", "code": "reference"},
+                                  processing_fn=lambda r: {**r, "text": r["text"].upper()})
+    assert train[1] == {"prompt": "WRITE F1", "reference": "def f1(): pass", "test_list": ["assert f1() is None"]}
+    train, _ = data.load_examples(ROWS[:2], processing_fn="copy:copy")
+    assert train[0]["prompt"] == ROWS[0]["question"]
+
+
+def test_eval_carving_disjoint_with_duplicates():
+    rows = [{"prompt": f"q{i % 10}", "reference": str(i)} for i in range(40)]  # every prompt 4 times
+    train, ev = data.load_examples(rows, eval_size=5, seed=0)
+    assert len(ev) == 5
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in ev}
+    assert len(train) == 40 - 4 * len({e["prompt"] for e in ev})
+    assert data.load_examples(rows, eval_size=5, seed=0) == (train, ev)
+
+
+def test_eval_split_overlap_removed(tmp_path, caplog):
+    path = write(tmp_path / "d.jsonl", ROWS)
+    with caplog.at_level("INFO", logger="data"):
+        train, ev = data.load_examples(path, split="train", eval_split="train[:3]")
+    assert len(ev) == 3 and len(train) == len(ROWS) - 3
+    assert "dropped 3" in caplog.text
+    _, ev = data.load_examples(path, eval_split="train[:5]", eval_size=2)
+    assert len(ev) == 2
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_render_prompt_chat_and_plain(tokenizer):
+    text = data.render_prompt(tokenizer, "What is 2 + 3?", system_prompt="Think step by step.")
+    assert "Think step by step." in text and "What is 2 + 3?" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert data.render_prompt(tokenizer, messages, system_prompt="other").count("system") == 1
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    assert data.render_prompt(plain, "Q?", system_prompt="S") == "S\n\nQ?\n"
+    assert data.render_prompt(plain, "Q?") == "Q?"
+
+
+def test_encode_prompts_left_pad_and_truncate(tokenizer):
+    texts = [data.render_prompt(tokenizer, q) for q in ("Tom has 7 apples.", "How many apples does Tom have now?")]
+    ids, mask, n_trunc = data.encode_prompts(tokenizer, texts, max_length=512)
+    assert ids.shape == mask.shape and ids.dtype == mask.dtype == torch.long and n_trunc == 0
+    lengths = mask.sum(1)
+    short = int(lengths.argmin())
+    assert lengths.min() < lengths.max()
+    pads = ids.shape[1] - int(lengths[short])
+    assert (ids[short, :pads] == tokenizer.pad_token_id).all() and (mask[short, :pads] == 0).all()
+    assert (mask[short, pads:] == 1).all()
+    for i, t in enumerate(texts):
+        assert tokenizer.decode(ids[i][mask[i].bool()]) == t
+    ids2, mask2, n_trunc = data.encode_prompts(tokenizer, texts, max_length=5)
+    assert ids2.shape == (2, 5) and n_trunc == 2 and mask2.all()
+    assert tokenizer.decode(ids2[0]) == tokenizer.decode(ids[0][mask[0].bool()][-5:])
+    assert texts[0].endswith(tokenizer.decode(ids2[0]))
+
+
+# ----------------------------------------------------------------------------- batches
+
+def test_batch_indices_ranks_disjoint_and_union():
+    n, bs, W = 37, 4, 3
+    for step in range(8):
+        shards = [data.batch_indices(n, bs, step, seed=5, rank=r, world_size=W) for r in range(W)]
+        whole = data.batch_indices(n, bs * W, step, seed=5)
+        assert sum(shards, []) == whole
+        if (step * bs * W) // n == ((step + 1) * bs * W - 1) // n:  # within one epoch
+            assert len(set(whole)) == len(whole)
+
+
+def test_batch_indices_epochs_are_permutations():
+    n, bs = 10, 5
+    stream = sum((data.batch_indices(n, bs, s, seed=1) for s in range(6)), [])
+    epochs = [stream[i:i + n] for i in range(0, len(stream), n)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    assert stream == sum((data.batch_indices(n, bs, s, seed=1) for s in range(6)), [])
+    assert data.epoch_of(3, n, bs) == 1 and data.epoch_of(4, n, bs) == 2
+    assert data.batch_indices(3, 7, 0, seed=0)[:3] == torch.randperm(3, generator=torch.Generator().manual_seed(0)).tolist()
+    with pytest.raises(ValueError, match="rank"):
+        data.batch_indices(n, bs, 0, seed=0, rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------- toy task
+
+def test_toy_task_deterministic_and_correct():
+    assert data.toy_task(50, seed=7) == data.toy_task(50, seed=7)
+    assert data.toy_task(50, seed=7) != data.toy_task(50, seed=8)
+    rows = data.toy_task(300, seed=0, max_value=20, ops="+-*")
+    assert {r["answer"].split()[1] for r in rows} == {"+", "-", "*"}
+    for r in rows:
+        a, op, b, c = re.match(r"(\d+) ([-+*]) (\d+) = (\d+)\n#### (\d+)$", r["answer"]).group(1, 2, 3, 4)
+        a, b, c = int(a), int(b), int(c)
+        assert c == {"+": a + b, "-": a - b, "*": a * b}[op] and c >= 0
+        assert int(r["answer"].split("#### ")[1]) == c
+        assert str(a) in r["question"] and str(b) in r["question"]
+        assert max(a, b) <= (12 if op == "*" else 20)
+    assert len({r["question"] for r in rows}) > 200
+    with pytest.raises(ValueError, match="ops"):
+        data.toy_task(1, ops="/")

@@ -1,0 +1,244 @@
+"""logprobs.py: the chunked kernel against log_softmax + gather, its gradients, and the model-level wrapper."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import logprobs  # noqa: E402
+
+N, D, V = 53, 32, 301
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a busy machine the spin-waits cost 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def naive(hidden, weight, targets, temperature):
+    logp_all = torch.log_softmax(hidden @ weight.T / temperature, dim=-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def inputs(scale_h, scale_w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g) * scale_h
+    weight = torch.randn(V, D, generator=g) * scale_w
+    targets = torch.randint(0, V, (N,), generator=g)
+    return hidden, weight, targets
+
+
+SCALES = {"realistic": (1.0, 0.02), "hard": (3.0, 1.0)}
+CHUNKS = [1, 7, 16, N, 1000]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_forward_matches_log_softmax(scale, chunk, temperature):
+    hidden, weight, targets = inputs(*SCALES[scale])
+    logp, entropy = logprobs.token_logprobs(hidden, weight, targets, temperature, chunk)
+    ref_logp, ref_entropy = naive(hidden.double(), weight.double(), targets, temperature)
+    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == entropy.shape == (N,)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_hard_scale_is_not_flat():
+    """The hard inputs give peaked, varied distributions, so agreement with the naive path means something."""
+    hidden, weight, targets = inputs(*SCALES["hard"])
+    logp, entropy = naive(hidden, weight, targets, 0.7)
+    assert entropy.min() < 1.0 and logp.min() < -20
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("chunk", [1, 7, N, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gradients_match_autograd(scale, chunk, temperature):
+    hidden, weight, targets = inputs(*SCALES[scale])
+    g = torch.Generator().manual_seed(1)
+    up_logp, up_entropy = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = logprobs.token_logprobs(h, w, targets, temperature, chunk)
+    (logp.double() * up_logp + entropy.double() * up_entropy).sum().backward()
+
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_logp, ref_entropy = naive(h64, w64, targets, temperature)
+    (ref_logp * up_logp + ref_entropy * up_entropy).sum().backward()
+
+    assert h.grad.dtype == hidden.dtype and w.grad.dtype == weight.dtype
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("use", ["logp", "entropy"])
+def test_gradient_of_one_output_alone(use):
+    hidden, weight, targets = inputs(*SCALES["hard"])
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = dict(zip(["logp", "entropy"], logprobs.token_logprobs(h, w, targets, 0.9, 8)))[use]
+    out.sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = dict(zip(["logp", "entropy"], naive(h64, w64, targets, 0.9)))[use]
+    ref.sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5 * h64.grad.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5 * w64.grad.abs().max().item(), rtol=1e-4)
+
+
+def test_gradient_only_for_what_requires_it():
+    hidden, weight, targets = inputs(*SCALES["realistic"])
+    h = hidden.clone().requires_grad_()
+    logp, _ = logprobs.token_logprobs(h, weight, targets, 1.0, 16)
+    logp.sum().backward()
+    assert h.grad is not None and weight.grad is None
+
+
+def test_bfloat16_hidden_is_scored_in_float32():
+    hidden, weight, targets = inputs(*SCALES["realistic"])
+    h16, w16 = hidden.bfloat16(), weight.bfloat16()
+    logp, entropy = logprobs.token_logprobs(h16, w16, targets, 1.0, 16)
+    assert logp.dtype == torch.float32
+    ref_logp, ref_entropy = naive(h16.float(), w16.float(), targets, 1.0)
+    torch.testing.assert_close(logp, ref_logp, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(entropy, ref_entropy, atol=2e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ the model wrapper
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)  # sharper than the random init: log-probs and their gradients vary across tokens
+    return model.train(False)
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    """Left-padded prompts of different lengths and completions that stop early (mask 0 after EOS)."""
+    g = torch.Generator().manual_seed(0)
+    v = model.config.vocab_size
+    prompt_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]])
+    prompt_ids = torch.randint(3, v, prompt_mask.shape, generator=g).masked_fill(prompt_mask == 0, 0)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    completion_ids = torch.randint(3, v, completion_mask.shape, generator=g).masked_fill(completion_mask == 0, 0)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def naive_completion(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, prompt_ids.size(1) - 1:-1]
+    logp_all = torch.log_softmax(logits.float() / temperature, -1)
+    logp = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp * completion_mask, entropy * completion_mask
+
+
+PARAMS = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+          "model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
+
+
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    named = dict(model.named_parameters())
+    return {k: named[k].grad.clone() for k in PARAMS}
+
+
+@pytest.mark.parametrize("temperature, chunk", [(1.0, 1024), (0.7, 4), (1.3, 1)])
+def test_completion_logprobs_match_full_logits(model, batch, temperature, chunk):
+    completion_mask = batch[3]
+    weights = torch.randn(completion_mask.shape, generator=torch.Generator().manual_seed(2))
+
+    logp, entropy = logprobs.completion_logprobs(model, *batch, temperature, chunk)
+    got = grads(model, (logp * weights).sum() + (entropy * weights.flip(0)).sum())
+    ref_logp, ref_entropy = naive_completion(model, *batch, temperature)
+    want = grads(model, (ref_logp * weights).sum() + (ref_entropy * weights.flip(0)).sum())
+
+    assert logp.shape == entropy.shape == completion_mask.shape and logp.dtype == torch.float32
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=1e-5)
+    assert (logp[completion_mask == 1] < 0).all()
+    assert logp.detach().std() > 0.1
+    for name in PARAMS:
+        assert want[name].abs().max() > 0, name
+        torch.testing.assert_close(got[name], want[name], atol=1e-5 * want[name].abs().max().item(), rtol=1e-4)
+
+
+def test_masked_positions_are_zero_and_carry_no_gradient(model, batch):
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    masked = completion_mask == 0
+    logp, entropy = logprobs.completion_logprobs(model, *batch, 1.0, 3)
+    assert (logp[masked] == 0).all() and (entropy[masked] == 0).all()
+    assert (logp[~masked] != 0).all() and (entropy[~masked] != 0).all()
+
+    weights = torch.ones(completion_mask.shape)
+    base = grads(model, (logp * weights).sum() + entropy.sum())
+    logp, entropy = logprobs.completion_logprobs(model, *batch, 1.0, 3)
+    heavy = weights.masked_fill(masked, 1e6)
+    heavy_grads = grads(model, (logp * heavy).sum() + (entropy * heavy).sum())
+    for name in PARAMS:
+        torch.testing.assert_close(heavy_grads[name], base[name])
+
+    other_ids = completion_ids.masked_fill(masked, 7)  # what sits after EOS does not matter
+    again, _ = logprobs.completion_logprobs(model, prompt_ids, prompt_mask, other_ids, completion_mask, 1.0, 3)
+    torch.testing.assert_close(again, logp.detach())
+
+
+def test_prompt_padding_does_not_change_the_result(model, batch):
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    pad = 4
+    wider_ids = torch.cat([torch.zeros(3, pad, dtype=torch.long), prompt_ids], 1)
+    wider_mask = torch.cat([torch.zeros(3, pad, dtype=torch.long), prompt_mask], 1)
+    with torch.no_grad():
+        a, _ = logprobs.completion_logprobs(model, *batch, 1.0, 5)
+        b, _ = logprobs.completion_logprobs(model, wider_ids, wider_mask, completion_ids, completion_mask, 1.0, 5)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+class VocabTensors(TorchDispatchMode):
+    """Records, for every new (non-view) op output with a vocab-sized last dimension, how many rows it has."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab:
+                self.rows.append(t.numel() // self.vocab)
+        return out
+
+
+def test_no_full_vocab_tensor(model, batch):
+    chunk = 2
+    tokens = int(batch[3].sum())
+    assert tokens > chunk
+
+    naive_mode = VocabTensors(model.config.vocab_size)
+    with naive_mode:
+        ref, _ = naive_completion(model, *batch, 1.0)
+        ref.sum().backward()
+    assert max(naive_mode.rows) >= tokens  # the detector sees the full logits of the naive path
+
+    mode = VocabTensors(model.config.vocab_size)
+    with mode:
+        logp, entropy = logprobs.completion_logprobs(model, *batch, 1.0, chunk)
+        (logp.sum() + entropy.sum()).backward()
+    assert mode.rows and max(mode.rows) <= chunk

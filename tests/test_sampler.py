@@ -1,0 +1,289 @@
+"""sampler.py: greedy equals HF generate, EOS and masks, G samples per prompt, seeded noise, the token law."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sampler  # noqa: E402
+
+PROMPTS = ["hello", "what is 3 plus 4 and then a few more words", "a b c", "Question: 12 + 30"]
+K = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a busy machine the spin-waits cost 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def enc(tokenizer):
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    lengths = enc["attention_mask"].sum(-1)
+    assert len(set(lengths.tolist())) == len(PROMPTS) and (enc["attention_mask"][:, 0] == 0).any()
+    return enc
+
+
+@pytest.fixture(scope="module")
+def flat_model(tiny_dir):
+    """The random tiny model as saved: next-token distributions are close to uniform."""
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tiny_dir):
+    """The tiny model with every weight scaled up, so greedy argmaxes are well separated."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model
+
+
+def run(model, enc, tokenizer, eos=None, **kw):
+    kw.setdefault("max_new_tokens", K)
+    return sampler.sample(model, enc["input_ids"], enc["attention_mask"],
+                          eos_token_id=tokenizer.eos_token_id if eos is None else eos,
+                          pad_token_id=tokenizer.pad_token_id, **kw)
+
+
+def hf_greedy(model, enc, eos, pad, k=K):
+    out = model.generate(**enc, do_sample=False, max_new_tokens=k, eos_token_id=eos, pad_token_id=pad)
+    return out[:, enc["input_ids"].size(1):]
+
+
+def first_hit(row, eos):
+    """Index of the first token of `row` in `eos`, or None."""
+    return next((j for j, t in enumerate(row) if t in eos), None)
+
+
+@pytest.fixture(scope="module")
+def reference(peaked_model, enc, tokenizer):
+    """The greedy trajectories with no stop token in reach, checked to be far from argmax ties."""
+    ids, mask = run(peaked_model, enc, tokenizer, greedy=True)
+    assert tokenizer.eos_token_id not in ids and mask.all()
+    cat = torch.cat([enc["input_ids"], ids], 1)
+    cat_mask = torch.cat([enc["attention_mask"], mask], 1)
+    with torch.no_grad():
+        logits = peaked_model(input_ids=cat, attention_mask=cat_mask,
+                              position_ids=sampler.positions(cat_mask)).logits[:, enc["input_ids"].size(1) - 1:-1]
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
+    assert (logits.argmax(-1) == ids).all()
+    return ids.tolist()
+
+
+def stop_tokens(reference, stops):
+    """EOS ids making row r stop at step j for each (r, j) in `stops`, checked against the trajectories."""
+    eos = sorted({reference[r][j] for r, j in stops.items()})
+    for r, row in enumerate(reference):
+        assert first_hit(row, eos) == stops.get(r), "pick other stop steps: the chosen ids appear earlier"
+    return eos
+
+
+@pytest.mark.parametrize("stops", [{}, {0: 3}, {1: 0, 3: 5}, {0: 2, 1: 1, 2: 0, 3: 5}],
+                         ids=["no-eos", "one-row", "two-eos-ids", "all-rows-stop"])
+def test_greedy_matches_generate(peaked_model, enc, tokenizer, reference, stops):
+    eos = stop_tokens(reference, stops) if stops else [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id
+    ids, mask = run(peaked_model, enc, tokenizer, eos=eos, greedy=True)
+    expected = hf_greedy(peaked_model, enc, eos, pad)
+    n = expected.size(1)
+    assert ids.shape == mask.shape and ids.size(0) == len(PROMPTS) and n <= ids.size(1) <= K
+    assert torch.equal(ids[:, :n], expected)
+    assert (ids[:, n:] == pad).all()
+    for r in range(len(PROMPTS)):
+        stop = stops.get(r, K - 1)
+        assert mask[r, :stop + 1].eq(1).all() and mask[r, stop + 1:].eq(0).all()
+        assert (ids[r, stop + 1:] == pad).all()
+        assert ids[r, :stop + 1].tolist() == reference[r][:stop + 1]
+    if len(stops) < len(PROMPTS):
+        assert ids.size(1) == K
+
+
+def test_all_rows_stopped_ends_early(peaked_model, enc, tokenizer, reference):
+    eos = stop_tokens(reference, {0: 0, 1: 0, 2: 0, 3: 1})
+    ids, mask = run(peaked_model, enc, tokenizer, eos=eos, greedy=True, max_new_tokens=4 * sampler.EOS_CHECK_EVERY)
+    assert ids.size(1) <= sampler.EOS_CHECK_EVERY
+    assert mask.sum(-1).tolist() == [1, 1, 1, 2]
+
+
+def test_eos_token_id_int_and_list_agree(peaked_model, enc, tokenizer, reference):
+    eos = reference[0][3]
+    a = run(peaked_model, enc, tokenizer, eos=eos, greedy=True)
+    b = run(peaked_model, enc, tokenizer, eos=[eos], greedy=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[1][0].sum() == 4
+
+
+@pytest.mark.parametrize("g", [2, 3])
+def test_greedy_samples_are_copies_of_one_sample(peaked_model, enc, tokenizer, reference, g):
+    eos = stop_tokens(reference, {1: 4})
+    one, one_mask = run(peaked_model, enc, tokenizer, eos=eos, greedy=True)
+    ids, mask = run(peaked_model, enc, tokenizer, eos=eos, greedy=True, num_samples=g)
+    assert ids.shape == (len(PROMPTS) * g, one.size(1)) and mask.shape == ids.shape
+    assert torch.equal(ids, one.repeat_interleave(g, dim=0))
+    assert torch.equal(mask, one_mask.repeat_interleave(g, dim=0))
+
+
+def seeded(model, enc, tokenizer, seed, **kw):
+    kw = {"temperature": 1.0, "max_new_tokens": 8, **kw}
+    return run(model, enc, tokenizer, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_seed_reproduces_and_global_rng_is_untouched(flat_model, enc, tokenizer):
+    torch.manual_seed(1)
+    a, _ = seeded(flat_model, enc, tokenizer, 0, num_samples=3)
+    torch.manual_seed(2)
+    b, _ = seeded(flat_model, enc, tokenizer, 0, num_samples=3)
+    c, _ = seeded(flat_model, enc, tokenizer, 1, num_samples=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_samples_of_one_prompt_differ(flat_model, enc, tokenizer):
+    g = 4
+    ids, mask = seeded(flat_model, enc, tokenizer, 0, num_samples=g)
+    assert ids.shape[0] == len(PROMPTS) * g
+    rows = [tuple(r) for r in ids.tolist()]
+    assert len(set(rows)) == len(rows)
+    first = ids[:, 0].view(len(PROMPTS), g)
+    assert all(len(set(f.tolist())) > 1 for f in first)
+
+
+def test_sampled_rows_follow_their_own_prompt(peaked_model, enc, tokenizer):
+    """At a low temperature sampling is greedy in practice, so each block of G rows is its prompt's trajectory."""
+    g = 3
+    greedy, _ = run(peaked_model, enc, tokenizer, greedy=True, max_new_tokens=4)
+    ids, _ = seeded(peaked_model, enc, tokenizer, 0, num_samples=g, max_new_tokens=4, temperature=1e-4)
+    assert torch.equal(ids, greedy.repeat_interleave(g, dim=0))
+
+
+def test_never_calls_generate(flat_model, enc, tokenizer, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("sample() must not call generate")
+    monkeypatch.setattr(flat_model, "generate", boom)
+    ids, mask = seeded(flat_model, enc, tokenizer, 0, num_samples=2, top_p=0.9, top_k=50)
+    assert ids.shape == mask.shape == (2 * len(PROMPTS), 8)
+
+
+# ------------------------------------------------------------------------------------------ next_token
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 1.5, -0.5])
+N = 20000
+
+
+def frequencies(tokens, v=LOGITS.numel()):
+    return torch.bincount(tokens, minlength=v).double() / tokens.numel()
+
+
+def chi2(freq, probs, n=N):
+    """Pearson's statistic over the cells the expected law gives mass to."""
+    keep = probs > 0
+    return float((n * (freq[keep] - probs[keep]) ** 2 / probs[keep]).sum())
+
+
+def draw(temperature=1.0, top_p=1.0, top_k=0, seed=0, logits=LOGITS):
+    gen = torch.Generator().manual_seed(seed)
+    return sampler.next_token(logits.expand(N, -1), temperature, top_p, top_k, gen)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_next_token_law_is_softmax_at_temperature(temperature):
+    probs = torch.softmax(LOGITS.double() / temperature, -1)
+    freq = frequencies(draw(temperature))
+    assert chi2(freq, probs) < 30  # 7 degrees of freedom: p < 1e-4
+    wrong = torch.softmax(LOGITS.double(), -1) if temperature != 1 else torch.softmax(LOGITS.double() / 0.8, -1)
+    assert chi2(freq, wrong) > 100
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_next_token_top_k(top_k):
+    tokens = draw(0.9, top_k=top_k)
+    kept = LOGITS.topk(top_k).indices
+    probs = torch.zeros(LOGITS.numel(), dtype=torch.float64)
+    probs[kept] = torch.softmax(LOGITS[kept].double() / 0.9, -1)
+    assert set(tokens.unique().tolist()) == set(kept.tolist())
+    assert chi2(frequencies(tokens), probs) < 30
+
+
+def nucleus(probs, top_p):
+    order = probs.argsort(descending=True)
+    size = int((probs[order].cumsum(0) < top_p).sum()) + 1
+    return order[:size]
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.8, 0.93])
+def test_next_token_top_p(top_p):
+    full = torch.softmax(LOGITS.double(), -1)
+    kept = nucleus(full, top_p)
+    assert abs(float(full[kept].sum()) - top_p) > 0.01 and abs(float(full[kept[:-1]].sum()) - top_p) > 0.01
+    probs = torch.zeros_like(full)
+    probs[kept] = full[kept] / full[kept].sum()
+    tokens = draw(1.0, top_p=top_p)
+    assert set(tokens.unique().tolist()) == set(kept.tolist())
+    assert chi2(frequencies(tokens), probs) < 30
+
+
+def test_next_token_top_k_then_top_p():
+    full = torch.softmax(LOGITS.double(), -1)
+    top3 = LOGITS.topk(3).indices
+    renorm = torch.zeros_like(full)
+    renorm[top3] = full[top3] / full[top3].sum()
+    kept = nucleus(renorm, 0.75)
+    assert len(kept) == 2
+    tokens = draw(1.0, top_p=0.75, top_k=3)
+    assert set(tokens.unique().tolist()) == set(kept.tolist())
+
+
+def test_next_token_rows_use_their_own_logits_and_greedy_is_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 0.1
+    hot = torch.tensor([3, 17, 0, 49, 25, 8])
+    logits[torch.arange(6), hot] = 20.0
+    assert torch.equal(sampler.next_token(logits, greedy=True), hot)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sampler.next_token(logits, 1.0, 0.9, 0, gen), hot)
+    logits[torch.arange(6), hot] = 0.0
+    many = sampler.next_token(logits.repeat(2000, 1), 1.0, generator=gen).view(2000, 6)
+    assert all(len(many[:, r].unique()) > 40 for r in range(6))
+
+
+def test_next_token_accepts_half_precision_logits():
+    gen = torch.Generator().manual_seed(0)
+    tokens = sampler.next_token(LOGITS.to(torch.bfloat16).expand(N, -1), 1.0, 1.0, 0, gen)
+    probs = torch.softmax(LOGITS.to(torch.bfloat16).double(), -1)
+    assert chi2(frequencies(tokens), probs) < 30
+
+
+# ------------------------------------------------------------------------------------------ completion_mask
+
+@pytest.mark.parametrize("tokens, eos, expected", [
+    ([[5, 6, 7, 8]], [2], [[1, 1, 1, 1]]),
+    ([[5, 2, 7, 8]], [2], [[1, 1, 0, 0]]),
+    ([[2, 2, 0, 0]], [2], [[1, 0, 0, 0]]),
+    ([[5, 6, 7, 2]], [2], [[1, 1, 1, 1]]),
+    ([[5, 9, 2, 9]], [2, 9], [[1, 1, 0, 0]]),
+    ([[5, 6, 2, 9], [9, 6, 6, 6], [1, 1, 1, 1]], [2, 9], [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]),
+])
+def test_completion_mask(tokens, eos, expected):
+    mask = sampler.completion_mask(torch.tensor(tokens), torch.tensor(eos))
+    assert mask.tolist() == expected
+
+
+def test_positions_of_left_padded_rows():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    pos = sampler.positions(mask)
+    assert pos[mask.bool()].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0]

@@ -1,0 +1,421 @@
+"""The training loop end to end on a tiny model: files, resume, accumulation, reference, loss math, failures."""
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import config
+import data
+import train
+from mirror import NeuralMirror
+from sampler import completion_mask
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a reward that varies on a random model (its completions differ in word count), so the loss has a gradient
+LENGTH = [{"type": "length", "params": {"target_length": 3}}]
+TIMING = ("step_time", "tokens_per_s")
+STEP_KEYS = ("reward", "reward_std", "frac_zero_std_groups", "completion_length", "completion_length_max",
+             "truncated_frac", "loss", "entropy", "clip_low", "clip_high", "bregman", "grad_norm", "lr",
+             "tokens_per_s", "step_time", "rewards/math_correctness", "accuracy")
+
+
+def make(small, **kw):
+    return config.make(**{**small, **kw})
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def max_change(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def untimed(row):
+    return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_")}
+
+
+def fixed_length_sampler(monkeypatch, eos_at):
+    """Sample as usual, then end row i with an EOS at eos_at(i, T) (None: no EOS, full length)."""
+    real = train.sample
+
+    def sample(model, ids, mask, **kw):
+        tokens, _ = real(model, ids, mask, **kw)
+        eos, pad = kw["eos_token_id"][0], kw["pad_token_id"]
+        tokens = tokens.masked_fill(torch.isin(tokens, torch.as_tensor([*kw["eos_token_id"], pad])), 100)
+        for i in range(tokens.size(0)):
+            t = eos_at(i, tokens.size(1))
+            if t is not None:
+                tokens[i, t] = eos
+                tokens[i, t + 1:] = pad
+        return tokens, completion_mask(tokens, torch.as_tensor(kw["eos_token_id"]))
+
+    monkeypatch.setattr(train, "sample", sample)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def test_train_writes_metrics_samples_and_checkpoints(small):
+    cfg = make(small, eval_on_start=True, save_steps=1, save_total_limit=1)
+    result = train.train(cfg)
+    out = cfg.output_dir
+
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/accuracy" in rows[0] and "eval/reward" in rows[0]
+    for row in rows[1:]:
+        missing = [k for k in STEP_KEYS if k not in row]
+        assert not missing, missing
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, (int, float)):
+                assert math.isfinite(v), (row["step"], k, v)
+    assert "eval/accuracy" in rows[-1]  # the last step evaluates
+
+    samples = read_jsonl(os.path.join(out, "samples.jsonl"))
+    assert samples and {"step", "prompt", "completion", "reward"} <= samples[0].keys()
+
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not [d for d in os.listdir(out) if d.startswith(".tmp-")]
+    ckpt = os.path.join(out, "checkpoint-2")
+    for name in ("model.safetensors", "optimizer.safetensors", "mirror.safetensors", "rng.safetensors",
+                 "trainer_state.json"):
+        assert os.path.isfile(os.path.join(ckpt, name)), name
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        assert json.load(f)["step"] == 2
+
+    assert result["output_dir"] == out
+    assert os.path.samefile(result["checkpoint"], ckpt)
+    assert result["metrics"]["step"] == 2
+    assert untimed(result["metrics"]) == untimed(rows[-1])
+
+
+def test_save_total_limit_keeps_the_newest(small):
+    cfg = make(small, max_steps=3, save_steps=1, save_total_limit=2, eval_size=0)
+    train.train(cfg)
+    assert sorted(d for d in os.listdir(cfg.output_dir) if d.startswith("checkpoint-")) == \
+        ["checkpoint-2", "checkpoint-3"]
+
+
+# ---------------------------------------------------------------------------- resume
+
+def test_resume_reproduces_an_uninterrupted_run(small, tmp_path, monkeypatch):
+    kw = dict(max_steps=4, save_steps=2, rewards=LENGTH)
+    straight = train.setup(make(small, output_dir=str(tmp_path / "straight"), **kw))
+    initial = params(straight["model"])
+    train.fit(straight)
+
+    out = str(tmp_path / "interrupted")
+    real_step = train.train_step
+
+    def crash_at_step_3(run):
+        if run["step"] == 2:
+            raise RuntimeError("interrupted")
+        return real_step(run)
+
+    monkeypatch.setattr(train, "train_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train.train(make(small, output_dir=out, **kw))
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed = train.setup(make(small, output_dir=out, resume="latest", **kw))
+    train.fit(resumed)
+
+    a = read_jsonl(os.path.join(str(tmp_path / "straight"), "metrics.jsonl"))
+    b = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert untimed(ra) == untimed(rb), ra["step"]
+    assert a[-1]["grad_norm"] > 0
+
+    final = params(straight["model"])
+    assert same(final, params(resumed["model"]))
+    assert max_change(final, initial) > 1e-4
+    assert same(params(resumed["ref_model"]), initial)  # the reference stays the initial weights
+
+
+# ---------------------------------------------------------------------------- gradient accumulation
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_gradient_accumulation_does_not_change_the_update(small, monkeypatch, loss_type):
+    fixed_length_sampler(monkeypatch, lambda row, T: (3 * row) % T)  # ragged: lengths 1, 4, 7, 2, 5, 8, 3, 6
+    deltas = []
+    for gas in (1, 4):
+        run = train.setup(make(small, loss_type=loss_type, gradient_accumulation_steps=gas, optimizer="sgd",
+                               learning_rate=0.1, max_grad_norm=0.0, rewards=LENGTH, eval_size=0))
+        before = params(run["model"])
+        m, _ = train.train_step(run)
+        assert m["frac_zero_std_groups"] < 1 and m["completion_length_max"] > 1 and m["truncated_frac"] < 1
+        after = params(run["model"])
+        deltas.append({k: after[k] - before[k] for k in before})
+    one, four = deltas
+    assert max(d.abs().max().item() for d in one.values()) > 1e-3
+    for k in one:
+        torch.testing.assert_close(four[k], one[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+# ---------------------------------------------------------------------------- reference policy
+
+def test_reference_is_a_frozen_copy_of_the_initial_weights(small, tiny_dir):
+    from transformers import AutoModelForCausalLM
+    run = train.setup(make(small, rewards=LENGTH, eval_size=0))
+    model, ref = run["model"], run["ref_model"]
+    on_disk = params(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32))
+    assert same(params(ref), on_disk)
+    assert same(params(model), on_disk)
+    policy_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not policy_ptrs & {p.data_ptr() for p in ref.parameters()}
+    assert not any(p.requires_grad for p in ref.parameters())
+
+    train.train_step(run)
+    assert max_change(params(model), on_disk) > 1e-4
+    assert same(params(ref), on_disk)
+    assert all(p.grad is None for p in ref.parameters())
+
+
+def test_divergence_none_has_no_reference(small):
+    run = train.setup(make(small, divergence_type="none", rewards=LENGTH, eval_size=0))
+    assert run["ref_model"] is None
+    m, _ = train.train_step(run)
+    assert m["divergence"] == 0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
+
+
+# ---------------------------------------------------------------------------- advantages
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([0.0, 1.0, 1.0, 2.0, 5.0, 5.0, 5.0, 5.0])
+    g1 = [0.0, 1.0, 1.0, 2.0]
+    centred = [x - 1.0 for x in g1] + [0.0] * 4  # group means 1 and 5
+    std1 = statistics.stdev(g1)  # sqrt(2/3)
+    batch_std = statistics.stdev(r.tolist())
+
+    def check(scale, expected):
+        torch.testing.assert_close(train.group_advantages(r, 4, scale), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+    check("group", [c / (std1 + 1e-4) for c in centred[:4]] + [0.0] * 4)
+    check("batch", [c / (batch_std + 1e-4) for c in centred])
+    check("none", centred)
+
+
+def test_zero_std_group_gives_zero_advantages():
+    adv = train.group_advantages(torch.full((6,), 0.7), 3, "group")
+    assert torch.equal(adv, torch.zeros(6))
+
+
+# ---------------------------------------------------------------------------- loss terms
+
+MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
+ADV = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+
+def fake_run(**kw):
+    cfg = config.make(**{"divergence_type": "none", "max_completion_length": 4, **kw})
+    return {"cfg": cfg, "mirror": NeuralMirror(0.5, seed=1)}
+
+
+def logps(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(2, 3, generator=g, dtype=torch.float64) * -3).requires_grad_(True)
+
+
+def step_loss(run, logp, old, ref=None, adv=ADV, mask=MASK):
+    norm = train.normaliser(run["cfg"], mask)
+    return train.loss_terms(run, logp, old, ref, adv, mask, norm)
+
+
+def test_normalisers():
+    assert train.normaliser(fake_run(loss_type="grpo")["cfg"], MASK) == 2
+    assert train.normaliser(fake_run(loss_type="bnpo")["cfg"], MASK) == 5
+    assert train.normaliser(fake_run(loss_type="dapo")["cfg"], MASK) == 5
+    assert train.normaliser(fake_run(loss_type="dr_grpo")["cfg"], MASK) == 2 * 4
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    ("grpo", ((-1.0 * 2) / 2 + (2.0 * 3) / 3) / 2),  # mean over each sequence, then over sequences
+    ("bnpo", (-1.0 * 2 + 2.0 * 3) / 5),  # over all tokens
+    ("dr_grpo", (-1.0 * 2 + 2.0 * 3) / (2 * 4)),  # sum / (sequences * max_completion_length)
+    ("dapo", (-1.0 * 2 + 2.0 * 3) / 5),  # sum / tokens in the batch
+])
+def test_loss_type_aggregation_at_ratio_one(loss_type, expected):
+    run = fake_run(loss_type=loss_type)
+    logp = logps()
+    loss, stats = step_loss(run, logp, logp.detach())  # ratio 1: each token's term is -A
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert stats["ratio"] == pytest.approx(5.0) and stats["clip_low"] == stats["clip_high"] == 0
+    # cut into micro-batches with the step's normaliser, the parts add up to the whole
+    norm = train.normaliser(run["cfg"], MASK)
+    parts = sum(train.loss_terms(run, logp[i:i + 1], logp.detach()[i:i + 1], None, ADV[i:i + 1], MASK[i:i + 1],
+                                 norm)[0] for i in range(2))
+    assert parts.item() == pytest.approx(loss.item(), abs=1e-12)
+
+
+def one_token(run, ratio, adv):
+    """Loss and d loss / d logp of a single token with the given ratio and advantage (bnpo: its own mean)."""
+    old = torch.tensor([[-1.0]], dtype=torch.float64)
+    logp = (old + math.log(ratio)).requires_grad_(True)
+    loss, stats = step_loss(run, logp, old, adv=torch.tensor([adv], dtype=torch.float64), mask=torch.ones(1, 1))
+    loss.backward()
+    return loss.item(), logp.grad.item(), stats
+
+
+def test_clipping_and_its_zero_gradient():
+    run = fake_run(loss_type="bnpo", epsilon=0.2)
+    loss, grad, stats = one_token(run, 1.5, 2.0)  # above 1 + eps with A > 0: clipped to 1.2
+    assert loss == pytest.approx(-1.2 * 2.0) and grad == 0 and stats["clip_high"] == 1
+    loss, grad, stats = one_token(run, 1.5, -2.0)  # A < 0: the unclipped, more pessimistic term
+    assert loss == pytest.approx(1.5 * 2.0) and grad == pytest.approx(1.5 * 2.0) and stats["clip_high"] == 0
+    loss, grad, stats = one_token(run, 0.5, -2.0)  # below 1 - eps with A < 0: clipped to 0.8
+    assert loss == pytest.approx(0.8 * 2.0) and grad == 0 and stats["clip_low"] == 1
+    loss, grad, _ = one_token(run, 1.1, 2.0)  # inside the range: -rho*A, gradient -rho*A
+    assert loss == pytest.approx(-1.1 * 2.0) and grad == pytest.approx(-1.1 * 2.0)
+
+
+def test_epsilon_low_and_high_are_separate():
+    run = fake_run(loss_type="bnpo", epsilon=0.2, epsilon_low=0.1, epsilon_high=0.3)
+    loss, grad, stats = one_token(run, 1.25, 2.0)  # inside 1 + 0.3: not clipped
+    assert loss == pytest.approx(-1.25 * 2.0) and grad != 0 and stats["clip_high"] == 0
+    loss, grad, stats = one_token(run, 0.85, -2.0)  # below 1 - 0.1: clipped to 0.9
+    assert loss == pytest.approx(0.9 * 2.0) and grad == 0 and stats["clip_low"] == 1
+    loss, grad, stats = one_token(fake_run(loss_type="bnpo", epsilon=0.2), 1.25, 2.0)  # symmetric 0.2 clips it
+    assert loss == pytest.approx(-1.2 * 2.0) and grad == 0 and stats["clip_high"] == 1
+
+
+def test_regulariser_weights():
+    logp, ref = logps(0), logps(1).detach()
+    zero = torch.zeros(2, dtype=torch.float64)
+    m = MASK.double()
+
+    run = fake_run(loss_type="dapo", divergence_type="kl", beta=0.5, mirror_coefficient=7.0)
+    loss, stats = step_loss(run, logp, logp.detach(), ref, adv=zero)
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1
+    assert loss.item() == pytest.approx(0.5 * (k3 * m).sum().item() / 5, rel=1e-9)
+    assert stats["divergence"] == pytest.approx((k3 * m).sum().item(), rel=1e-9)
+
+    run = fake_run(loss_type="dapo", divergence_type="neural_mirror", mirror_coefficient=0.3, beta=9.0)
+    loss, stats = step_loss(run, logp, logp.detach(), ref, adv=zero)
+    d = run["mirror"].bregman(logp.exp(), ref.exp())
+    assert (d * m).sum().item() > 0
+    assert loss.item() == pytest.approx(0.3 * (d * m).sum().item() / 5, rel=1e-9)
+    assert stats["divergence"] == pytest.approx((d * m).sum().item(), rel=1e-9)
+
+    # with the advantages back, the surrogate and the regulariser add
+    full, _ = step_loss(run, logp, logp.detach(), ref)
+    assert full.item() == pytest.approx(loss.item() + (-1.0 * 2 + 2.0 * 3) / 5, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- failures and options
+
+def test_non_finite_step_is_skipped_and_counted(small, monkeypatch):
+    real_terms, real_step = train.loss_terms, train.train_step
+
+    def nan_on_first_step(run, *args):
+        loss, stats = real_terms(run, *args)
+        return (loss * float("nan") if run["step"] == 0 else loss), stats
+
+    snapshots = []
+
+    def recording(run):
+        out = real_step(run)
+        snapshots.append(params(run["model"]))
+        return out
+
+    monkeypatch.setattr(train, "loss_terms", nan_on_first_step)
+    monkeypatch.setattr(train, "train_step", recording)
+    run = train.setup(make(small, rewards=LENGTH, eval_size=0))
+    initial = params(run["model"])
+    result = train.fit(run)
+
+    assert same(snapshots[0], initial)
+    assert max_change(snapshots[1], snapshots[0]) > 1e-4
+    assert run["skipped_steps"] == 1 and result["skipped_steps"] == 1
+    rows = read_jsonl(os.path.join(run["cfg"].output_dir, "metrics.jsonl"))
+    assert [r["skipped_steps"] for r in rows] == [1, 1]
+    assert math.isfinite(rows[1]["loss"]) and math.isfinite(rows[1]["grad_norm"])
+    assert all(torch.isfinite(p).all() for p in run["model"].parameters())
+
+
+def test_num_iterations_two_uses_old_logprobs(small):
+    run = train.setup(make(small, num_iterations=2, rewards=LENGTH, eval_size=0))
+    m, _ = train.train_step(run)
+    for k in ("loss", "entropy", "clip_low", "clip_high", "ratio", "bregman", "grad_norm"):
+        assert math.isfinite(m[k]), k
+    assert 0 <= m["clip_low"] <= 1 and 0 <= m["clip_high"] <= 1
+    assert m["ratio"] != 1.0  # the second pass sees the moved policy against the old log-probs
+    steps = {int(s["step"]) for s in run["optimizer"].state.values()}
+    assert steps == {2}
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_mask_truncated_completions(small, monkeypatch, masked):
+    fixed_length_sampler(monkeypatch, lambda row, T: None)
+    run = train.setup(make(small, mask_truncated_completions=masked, rewards=LENGTH, eval_size=0))
+    before = params(run["model"])
+    m, _ = train.train_step(run)
+    assert m["truncated_frac"] == 1 and m["frac_zero_std_groups"] < 1
+    if masked:
+        assert m["loss"] == 0 and m["grad_norm"] == 0
+        assert same(params(run["model"]), before)
+    else:
+        assert m["grad_norm"] > 0
+        assert max_change(params(run["model"]), before) > 1e-4
+
+
+def test_rewards_receive_reference_and_row_columns(small):
+    calls = []
+
+    def spy(text, reference=None, **kwargs):
+        calls.append((reference, kwargs))
+        return float(len(text.split()))
+
+    cfg = make(small, dataset_name="toy", max_samples=40, rewards=[{"type": spy}],
+               processing_fn=lambda row: {**row, "answer_copy": row["answer"]})
+    train.train(cfg)
+    n_train = cfg.max_steps * cfg.batch_size * cfg.num_generations
+    assert len(calls) == n_train + cfg.eval_size
+    for reference, kwargs in calls:
+        assert {"prompt", "answer_copy"} <= kwargs.keys()
+        assert "text" not in kwargs and "reference" not in kwargs
+        assert reference == data.extract_gsm8k(kwargs["answer_copy"]) and reference.isdigit()
+    for i in range(0, n_train, cfg.num_generations):  # the G completions of a prompt are scored with its row
+        assert len({kw["prompt"] for _, kw in calls[i:i + cfg.num_generations]}) == 1
+
+
+# ---------------------------------------------------------------------------- bad configs
+
+@pytest.mark.parametrize("bad", ["model", "dataset", "reward", "fp16", "resume"])
+def test_bad_config_raises_before_writing(small, tmp_path, bad):
+    kw = {"model": {"model_name": str(tmp_path / "no-model")},
+          "dataset": {"dataset_name": str(tmp_path / "no-data.jsonl")},
+          "reward": {"reward_functions": ["math_corectness"]},
+          "fp16": {"precision": "fp16"},
+          "resume": {"resume": str(tmp_path / "no-checkpoint")}}[bad]
+    cfg = make(small, **kw)
+    with pytest.raises(ValueError):
+        train.train(cfg)
+    assert not os.path.exists(cfg.output_dir)
+
+
+def test_cli_bad_model_exits_2_with_one_error_line(small, tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in small.items()))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "train.py", "--config", str(path), "--model_name=/nonexistent"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model_name" in errors[0]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert not os.path.exists(small["output_dir"])

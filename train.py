@@ -1,0 +1,506 @@
+"""NMGRPO training, top to bottom: prompts -> sample -> score -> advantages -> loss -> step.
+
+    python train.py --config configs/demo.py
+    python train.py --config configs/gsm8k.py --learning_rate=2e-6
+
+GRPO samples G completions per prompt, scores them, normalises the rewards within each group into
+advantages and raises the clipped likelihood ratio of the good ones. NMGRPO regularises toward the
+reference policy with the Bregman divergence of a neural mirror map (mirror.py) instead of a KL.
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import config as config_lib
+import data
+import rewards as rewards_lib
+from logprobs import completion_logprobs
+from mirror import NeuralMirror, divergence
+from sampler import sample
+
+RANK = 0  # multi-process training sets these; one process is rank 0 of 1
+WORLD = 1
+
+
+def log(msg):
+    """The one console path: rank 0 only, above the progress bar."""
+    if RANK == 0:
+        tqdm.write(str(msg))
+
+
+# ---------------------------------------------------------------------------- setup
+
+def resolve_device(cfg):
+    """(device, autocast dtype or None); ValueError when the precision cannot run here."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but no CUDA GPU is visible: use device='cpu'")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs a CUDA GPU: use precision='bf16' or 'fp32' on CPU")
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_model(name, device, cfg):
+    """A causal LM and its tokenizer through from_pretrained, with a clear error when missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name or name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except OSError as e:
+        raise ValueError(f"model_name={name!r} could not be loaded ({str(e).splitlines()[0]}): give a local "
+                         "folder with config.json and weights, or a Hub name while online") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def stop_ids(model, tokenizer):
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def build_optimizer(cfg, params):
+    kind = cfg.optimizer
+    if kind in ("adamw_torch", "adamw"):
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def setup(cfg):
+    """Everything a run needs, checked before anything is written: a dict `run`."""
+    from transformers import get_scheduler
+    torch.manual_seed(cfg.seed)
+    device, amp_dtype = resolve_device(cfg)
+    reward_fns = rewards_lib.resolve(cfg.rewards, cfg.reward_functions or
+                                     (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights)
+    model, tokenizer = load_model(cfg.model_name, device, cfg)
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompt_cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
+    if prompt_cap < 1:
+        raise ValueError(f"max_seq_length={cfg.max_seq_length} leaves no room for prompts after "
+                         f"max_completion_length={cfg.max_completion_length}: raise max_seq_length")
+    if context and prompt_cap + cfg.max_completion_length > context:
+        raise ValueError(f"prompt ({prompt_cap}) + completion ({cfg.max_completion_length}) tokens exceed the "
+                         f"model's context of {context}: lower max_prompt_length or max_completion_length")
+    train_set, eval_set = data.load_examples(
+        cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
+        eval_size=cfg.eval_size, max_samples=cfg.max_samples, column_mapping=cfg.column_mapping,
+        processing_fn=cfg.processing_fn, seed=cfg.seed)
+    if len(train_set) < cfg.batch_size * WORLD:
+        raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
+                         f"x {WORLD} process(es): lower batch_size or add data")
+    for ex in train_set + eval_set:
+        ex["text"] = data.render_prompt(tokenizer, ex["prompt"], cfg.system_prompt, cfg.enable_thinking)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = None
+    if cfg.divergence_type != "none":  # a frozen copy of the initial weights, never the current ones
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+        cfg.num_epochs * len(train_set) / (cfg.batch_size * WORLD))
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps * cfg.num_iterations)
+    return dict(cfg=cfg, device=device, amp_dtype=amp_dtype, model=model, ref_model=ref_model,
+                tokenizer=tokenizer, eos=stop_ids(model, tokenizer), prompt_cap=prompt_cap,
+                optimizer=optimizer, scheduler=scheduler,
+                scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+                mirror=NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).to(device),
+                rewards=reward_fns, train_set=train_set, eval_set=eval_set, total_steps=total_steps,
+                step=0, skipped_steps=0, resume=resume_path(cfg) if cfg.resume else None)
+
+
+def autocast(run):
+    if run["amp_dtype"] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(run["device"].type, dtype=run["amp_dtype"])
+
+
+# ---------------------------------------------------------------------------- one step
+
+def group_advantages(rewards, group_size, scale="group"):
+    """(r - mean of its group) / (std + 1e-4); rewards (B*G,) with each group contiguous."""
+    r = rewards.view(-1, group_size)  # (B, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        adv = adv / (rewards.std() + 1e-4)
+    return adv.flatten()  # (B*G,)
+
+
+def score(run, examples, completions):
+    """Rewards of decoded completions: total (N,) and each reward's column; the reference always goes in."""
+    refs = [ex.get("reference") for ex in examples]
+    rows = [{k: v for k, v in ex.items() if k not in ("reference", "text")} for ex in examples]
+    total, columns = rewards_lib.score(run["rewards"], completions, refs, rows)
+    return torch.tensor(total, dtype=torch.float32), columns
+
+
+def rollout(run, examples, num_samples, generator=None, greedy=False):
+    """Sample `num_samples` completions per example: prompt/completion ids and masks, decoded texts."""
+    cfg, tok = run["cfg"], run["tokenizer"]
+    ids, mask, n_cut = data.encode_prompts(tok, [ex["text"] for ex in examples], run["prompt_cap"])
+    ids, mask = ids.to(run["device"]), mask.to(run["device"])
+    model = run["model"]
+    was_training = model.training
+    model.eval()
+    with autocast(run):
+        comp, comp_mask = sample(model, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
+                                 pad_token_id=tok.pad_token_id, num_samples=num_samples, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, top_k=cfg.top_k, greedy=greedy, generator=generator)
+    model.train(was_training)
+    texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
+                ids=comp, mask=comp_mask, texts=texts, prompts_cut=n_cut)
+
+
+def batch_logprobs(run, model, batch, rows, grad=False):
+    """Log-probs and entropies (n, T) of the completions `rows` (a slice) under `model`."""
+    with torch.set_grad_enabled(grad), autocast(run):
+        return completion_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows], batch["ids"][rows],
+                                   batch["mask"][rows], run["cfg"].temperature, run["cfg"].logprob_chunk_size)
+
+
+def loss_terms(run, logp, old_logp, ref_logp, adv, mask, norm):
+    """The micro-batch's share of the step loss and its per-token statistics.
+
+    logp, old_logp, ref_logp, mask: (n, T); adv: (n,). `norm` is the loss_type's denominator over the
+    whole step batch, so the update does not depend on how the batch is cut into micro-batches.
+    """
+    cfg = run["cfg"]
+    lo = cfg.epsilon if cfg.epsilon_low is None else cfg.epsilon_low
+    hi = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    ratio = torch.exp(logp - old_logp)  # (n, T)
+    a = adv[:, None]
+    surrogate = torch.min(ratio * a, ratio.clamp(1 - lo, 1 + hi) * a)
+    div = divergence(cfg.divergence_type, logp, ref_logp, mirror=run["mirror"], coef=1.0, beta=1.0)
+    weight = cfg.beta if cfg.divergence_type == "kl" else cfg.mirror_coefficient
+    per_token = -surrogate + weight * div  # (n, T)
+    m = mask.float()
+    if cfg.loss_type == "grpo":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum() / norm
+    else:
+        loss = (per_token * m).sum() / norm
+    with torch.no_grad():
+        stats = dict(clip_low=((ratio < 1 - lo) & (a < 0)).float(), clip_high=((ratio > 1 + hi) & (a > 0)).float(),
+                     divergence=div.detach(), ratio=ratio.detach())
+        stats = {k: (v * m).sum().item() for k, v in stats.items()}
+    return loss, stats
+
+
+def normaliser(cfg, mask):
+    """The denominator of loss_type over this step's loss mask (N, T)."""
+    if cfg.loss_type == "grpo":
+        return mask.size(0)
+    if cfg.loss_type == "dr_grpo":
+        return mask.size(0) * cfg.max_completion_length
+    return max(int(mask.sum().item()), 1)  # bnpo, dapo: tokens in the step batch
+
+
+def learn(run, batch, adv, loss_mask):
+    """num_iterations optimizer updates on one sampled batch; per-token sums for the metrics."""
+    cfg, model, opt = run["cfg"], run["model"], run["optimizer"]
+    n = batch["ids"].size(0)
+    micro = n // cfg.gradient_accumulation_steps
+    slices = [slice(i, i + micro) for i in range(0, n, micro)]
+    ref_logp = old_logp = None
+    if run["ref_model"] is not None:
+        ref_logp = torch.cat([batch_logprobs(run, run["ref_model"], batch, s)[0] for s in slices])  # (N, T)
+    if cfg.num_iterations > 1:
+        old_logp = torch.cat([batch_logprobs(run, model, batch, s)[0] for s in slices])
+    norm = normaliser(cfg, loss_mask)
+    sums = dict(loss=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, divergence=0.0, ratio=0.0, grad_norm=0.0)
+    for _ in range(cfg.num_iterations):
+        for s in slices:
+            logp, ent = batch_logprobs(run, model, batch, s, grad=True)
+            old = logp.detach() if old_logp is None else old_logp[s]
+            ref = None if ref_logp is None else ref_logp[s]
+            loss, stats = loss_terms(run, logp, old, ref, adv[s], loss_mask[s], norm)
+            (run["scaler"].scale(loss) if run["scaler"] else loss).backward()
+            sums["loss"] += loss.item() / cfg.num_iterations
+            sums["entropy"] += (ent.detach() * batch["mask"][s]).sum().item() / cfg.num_iterations
+            for k, v in stats.items():
+                sums[k] += v / cfg.num_iterations
+        sums["grad_norm"] += optimizer_step(run) / cfg.num_iterations
+    return sums
+
+
+def optimizer_step(run):
+    """Clip, then step, unless the gradient is not finite: then the update is skipped and counted."""
+    cfg, opt, scaler = run["cfg"], run["optimizer"], run["scaler"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if scaler:
+        scaler.unscale_(opt)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    if math.isfinite(grad_norm):
+        scaler.step(opt) if scaler else opt.step()
+        run["scheduler"].step()
+    else:
+        run["skipped_steps"] += 1
+        log(f"step {run['step'] + 1}: non-finite loss or gradient, update skipped "
+            f"({run['skipped_steps']} so far)")
+    if scaler:
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def step_seed(cfg, step, rank):
+    """The sampling seed of (seed, step, rank): runs reproduce and ranks never share noise."""
+    return (cfg.seed * 1_000_003 + step * 10_007 + rank) % (2 ** 63)
+
+
+def train_step(run):
+    """Sample, score, learn: one step of the loop. Returns its metrics."""
+    cfg, step = run["cfg"], run["step"]
+    t0 = time.perf_counter()
+    idx = data.batch_indices(len(run["train_set"]), cfg.batch_size, step, cfg.seed, RANK, WORLD)
+    examples = [run["train_set"][i] for i in idx]
+    gen = torch.Generator(run["device"]).manual_seed(step_seed(cfg, step, RANK))
+    batch = rollout(run, examples, cfg.num_generations, generator=gen)
+    t1 = time.perf_counter()
+    group = [ex for ex in examples for _ in range(cfg.num_generations)]
+    reward, columns = score(run, group, batch["texts"])
+    reward = reward.to(run["device"])
+    adv = group_advantages(reward, cfg.num_generations, cfg.scale_rewards)
+    lengths = batch["mask"].sum(1)  # (N,)
+    truncated = ~torch.isin(batch["ids"], torch.tensor(run["eos"], device=run["device"])).any(1)
+    loss_mask = batch["mask"] * (~truncated)[:, None] if cfg.mask_truncated_completions else batch["mask"]
+    t2 = time.perf_counter()
+    lr = run["scheduler"].get_last_lr()[0]  # the rate this step's first update uses
+    sums = learn(run, batch, adv, loss_mask)
+    t3 = time.perf_counter()
+    tokens = max(loss_mask.sum().item(), 1)
+    gen_tokens = lengths.sum().item()
+    groups_std = reward.view(-1, cfg.num_generations).std(1)
+    m = dict(step=step + 1, reward=reward.mean().item(), reward_std=reward.std().item(),
+             frac_zero_std_groups=(groups_std < 1e-6).float().mean().item(),
+             completion_length=lengths.float().mean().item(), completion_length_max=lengths.max().item(),
+             truncated_frac=truncated.float().mean().item(), prompts_cut=batch["prompts_cut"],
+             loss=sums["loss"], entropy=sums["entropy"] / gen_tokens if gen_tokens else 0.0,
+             clip_low=sums["clip_low"] / tokens, clip_high=sums["clip_high"] / tokens,
+             ratio=sums["ratio"] / tokens, grad_norm=sums["grad_norm"],
+             lr=lr, skipped_steps=run["skipped_steps"],
+             tokens_per_s=gen_tokens / (t3 - t0), step_time=t3 - t0,
+             time_sample=t1 - t0, time_score=t2 - t1, time_learn=t3 - t2)
+    m[{"neural_mirror": "bregman", "kl": "kl", "prob_l2": "prob_l2", "none": "divergence"}[cfg.divergence_type]] = \
+        sums["divergence"] / tokens
+    for name, col in columns.items():
+        m[f"rewards/{name}"] = sum(col) / len(col)
+    if "math_correctness" in columns:
+        m["accuracy"] = m["rewards/math_correctness"]
+    run["step"] += 1
+    return m, [dict(step=step + 1, prompt=ex["text"], completion=t, reward=r)
+               for ex, t, r in zip(group, batch["texts"], reward.tolist())]
+
+
+@torch.no_grad()
+def evaluate(run):
+    """Greedy completions of the held-out prompts: accuracy for math, and the mean reward."""
+    cfg, eval_set = run["cfg"], run["eval_set"]
+    totals, correct = [], []
+    for i in range(0, len(eval_set), cfg.eval_batch_size):
+        examples = eval_set[i:i + cfg.eval_batch_size]
+        batch = rollout(run, examples, 1, greedy=True)
+        total, columns = score(run, examples, batch["texts"])
+        totals += total.tolist()
+        correct += columns.get("math_correctness", [])
+    out = {"eval/reward": sum(totals) / len(totals)}
+    if correct:
+        out["eval/accuracy"] = sum(correct) / len(correct)
+    return out
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run):
+    """Write output_dir/checkpoint-STEP atomically (a temp folder, then a rename); keep the newest few."""
+    cfg, step = run["cfg"], run["step"]
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(cfg.output_dir, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run["model"].save_pretrained(tmp)
+    run["tokenizer"].save_pretrained(tmp)
+    run["mirror"].save(os.path.join(tmp, "mirror.safetensors"))
+    opt = run["optimizer"].state_dict()
+    save_file({f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()
+               if torch.is_tensor(v)} or {"empty": torch.zeros(0)}, os.path.join(tmp, "optimizer.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, os.path.join(tmp, "rng.safetensors"))
+    state = dict(step=step, skipped_steps=run["skipped_steps"], optimizer_groups=opt["param_groups"],
+                 optimizer_scalars={i: {k: v for k, v in s.items() if not torch.is_tensor(v)}
+                                    for i, s in opt["state"].items()},
+                 scheduler=run["scheduler"].state_dict(),
+                 scaler=run["scaler"].state_dict() if run["scaler"] else None, config=config_dict(cfg))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(output_dir):
+    """Complete checkpoint folders, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()
+             and os.path.isfile(os.path.join(output_dir, d, "trainer_state.json"))]
+    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
+
+
+def resume_path(cfg):
+    if cfg.resume == "latest":
+        found = checkpoints(cfg.output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
+        raise ValueError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json): "
+                         "give a checkpoint-N folder or resume='latest'")
+    return cfg.resume
+
+
+def load_checkpoint(run, path):
+    """Restore weights, optimizer, scheduler, RNG, mirror and step from a checkpoint folder."""
+    from safetensors.torch import load_model as load_weights
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    weights = [n for n in os.listdir(path) if n.startswith("model") and n.endswith(".safetensors")]
+    if weights == ["model.safetensors"]:
+        load_weights(run["model"], os.path.join(path, "model.safetensors"), strict=False, device=str(run["device"]))
+    else:
+        from transformers import AutoModelForCausalLM
+        run["model"].load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
+    run["mirror"].load_state_dict(NeuralMirror.load(os.path.join(path, "mirror.safetensors")).state_dict())
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=str(run["device"]))
+    opt_state = {}
+    for i, scalars in state["optimizer_scalars"].items():
+        opt_state[int(i)] = {**scalars, **{k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == i}}
+    run["optimizer"].load_state_dict({"state": opt_state, "param_groups": state["optimizer_groups"]})
+    run["scheduler"].load_state_dict(state["scheduler"])
+    if run["scaler"] and state["scaler"]:
+        run["scaler"].load_state_dict(state["scaler"])
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    run["step"], run["skipped_steps"] = state["step"], state["skipped_steps"]
+
+
+def config_dict(cfg):
+    """The resolved config as JSON-able values (callables by name)."""
+    def plain(v):
+        if callable(v):
+            return f"{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', repr(v))}"
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def append_jsonl(path, rows):
+    if RANK == 0:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def train(cfg):
+    """Run NMGRPO from a Config; returns the final metrics, the output folder and the last checkpoint."""
+    return fit(setup(cfg))
+
+
+def fit(run):
+    """The loop over a prepared run (see setup)."""
+    cfg = run["cfg"]
+    if run["resume"]:
+        load_checkpoint(run, run["resume"])
+        log(f"resumed from {run['resume']} at step {run['step']}")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+        json.dump(config_dict(cfg), f, indent=1)
+    log(f"{cfg.model_name}: {sum(p.numel() for p in run['model'].parameters()):,} parameters on {run['device']}, "
+        f"{len(run['train_set'])} train / {len(run['eval_set'])} held-out prompts, {run['total_steps']} steps")
+    do_eval = len(run["eval_set"]) > 0
+    last, ckpt = {}, None
+    if do_eval and cfg.eval_on_start and run["step"] == 0:
+        last = {"step": 0, **evaluate(run)}
+        append_jsonl(metrics_path, [last])
+        log(fmt(last))
+    bar = tqdm(total=run["total_steps"], initial=run["step"], disable=RANK != 0, desc="nmgrpo", dynamic_ncols=True)
+    while run["step"] < run["total_steps"]:
+        m, completions = train_step(run)
+        step = run["step"]
+        if m["truncated_frac"] > 0.5:
+            m["warning"] = "over half the completions hit max_completion_length"
+        if do_eval and (cfg.eval_steps and step % cfg.eval_steps == 0 or step == run["total_steps"]):
+            m.update(evaluate(run))
+        if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"]:
+            append_jsonl(metrics_path, [m])
+            append_jsonl(samples_path, completions[:cfg.log_completions])
+            log(fmt(m))
+        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"]:
+            ckpt = save_checkpoint(run) if RANK == 0 else None
+        bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
+        bar.update(1)
+        last = m
+    bar.close()
+    return {"metrics": last, "output_dir": cfg.output_dir, "checkpoint": ckpt, "steps": run["step"],
+            "skipped_steps": run["skipped_steps"]}
+
+
+def fmt(m):
+    keys = ("step", "reward", "accuracy", "loss", "bregman", "kl", "entropy", "completion_length",
+            "grad_norm", "lr", "step_time", "eval/accuracy", "eval/reward", "warning")
+    return " ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
+
+
+def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nEvery knob (--key=value or --key value; dashes or underscores):" + config_lib.describe())
+        return 0
+    try:
+        run = setup(config_lib.load(argv))
+    except ValueError as e:  # a config that cannot run: one line that names the key and the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = fit(run)
+    log(f"done: {result['steps']} steps, checkpoint {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
