@@ -223,7 +223,7 @@ def normaliser(cfg, mask):
 
 def learn(run, batch, adv, loss_mask):
     """num_iterations optimizer updates on one sampled batch; per-token sums for the metrics."""
-    cfg, model, opt = run["cfg"], run["model"], run["optimizer"]
+    cfg, model = run["cfg"], run["model"]
     n = batch["ids"].size(0)
     micro = n // cfg.gradient_accumulation_steps
     slices = [slice(i, i + micro) for i in range(0, n, micro)]
@@ -436,6 +436,15 @@ def append_jsonl(path, rows):
                 f.write(json.dumps(row) + "\n")
 
 
+def truncate_jsonl(path, step):
+    """Keep the rows of a jsonl log whose step is at most `step`."""
+    if RANK == 0 and os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if json.loads(line).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
 def train(cfg):
     """Run NMGRPO from a Config; returns the final metrics, the output folder and the last checkpoint."""
     return fit(setup(cfg))
@@ -450,6 +459,9 @@ def fit(run):
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
+    if run["resume"]:  # rows logged after the checkpoint will be logged again
+        for path in (metrics_path, samples_path):
+            truncate_jsonl(path, run["step"])
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump(config_dict(cfg), f, indent=1)
     log(f"{cfg.model_name}: {sum(p.numel() for p in run['model'].parameters()):,} parameters on {run['device']}, "

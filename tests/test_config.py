@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import config  # noqa: E402
+import config
 
 ALIGNTUNE_DEFAULTS = dict(
     num_epochs=1, max_steps=1600, batch_size=16, num_generations=32, learning_rate=1e-5, max_seq_length=512,

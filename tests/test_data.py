@@ -2,7 +2,6 @@
 import copy
 import json
 import re
-import sys
 from pathlib import Path
 
 import datasets
@@ -11,9 +10,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import tiny  # noqa: E402
+import data
+import tiny
 
 ROWS = data.toy_task(12, seed=3)
 

@@ -1,25 +1,12 @@
 """logprobs.py: the chunked kernel against log_softmax + gather, its gradients, and the model-level wrapper."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import logprobs  # noqa: E402
+import logprobs
 
 N, D, V = 53, 32, 301
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine the spin-waits cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def naive(hidden, weight, targets, temperature):

@@ -1,25 +1,12 @@
 """sampler.py: greedy equals HF generate, EOS and masks, G samples per prompt, seeded noise, the token law."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sampler  # noqa: E402
+import sampler
 
 PROMPTS = ["hello", "what is 3 plus 4 and then a few more words", "a b c", "Question: 12 + 30"]
 K = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine the spin-waits cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

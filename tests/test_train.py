@@ -122,12 +122,12 @@ def test_resume_reproduces_an_uninterrupted_run(small, tmp_path, monkeypatch):
     out = str(tmp_path / "interrupted")
     real_step = train.train_step
 
-    def crash_at_step_3(run):
-        if run["step"] == 2:
+    def crash_at_step_4(run):  # after step 3 is logged, past the checkpoint of step 2
+        if run["step"] == 3:
             raise RuntimeError("interrupted")
         return real_step(run)
 
-    monkeypatch.setattr(train, "train_step", crash_at_step_3)
+    monkeypatch.setattr(train, "train_step", crash_at_step_4)
     with pytest.raises(RuntimeError, match="interrupted"):
         train.train(make(small, output_dir=out, **kw))
     monkeypatch.setattr(train, "train_step", real_step)
