@@ -1,10 +1,13 @@
 """The demo's cold start: a tiny Qwen3 learns the toy task's answer format by a short supervised pass.
 
-It is kept apart from the trainer and cached: the first `python train.py --config configs/demo.py`
-builds it (about a minute on 2 CPU cores), later runs load it from the cache folder. The RL run then
-starts from this model, and the rise of the held-out accuracy is the RL's alone.
+The demonstrations come from a careless annotator: most of them end with a final answer one more
+than the result their own working shows ("7 + 5 = 12 / #### 13"). Imitation copies the mistake;
+the verifiable reward of the RL run that follows is what corrects it. This is kept apart from the
+trainer and cached: the first `python train.py --config configs/demo.py` builds it (about a minute
+on 2 CPU cores), later runs load it from the cache folder.
 """
 import os
+import random
 import sys
 
 import torch
@@ -43,12 +46,25 @@ def sft(model, tokenizer, rows, steps, batch_size=64, lr=3e-3, seed=0):
     return model
 
 
-def prepare(folder, rows, exclude=(), steps=300, seed=0, **sizes):
-    """Build (once) a tokenizer and model, cold-start them on `rows` minus the `exclude` questions, save."""
+def careless(rows, rate, seed=0):
+    """The rows as a careless annotator writes them: a `rate` share report one more than the result."""
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        work, answer = r["answer"].rsplit("#### ", 1)
+        wrong = rng.random() < rate
+        out.append({**r, "answer": f"{work}#### {int(answer) + 1 if wrong else answer}"})
+    return out
+
+
+def prepare(folder, rows, exclude=(), steps=300, seed=0, label_noise=0.0, **sizes):
+    """Build (once) a tokenizer and model, cold-start them on `rows` minus the `exclude` questions, save.
+
+    label_noise: the share of demonstrations whose final answer is off by one (see careless)."""
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     exclude = set(exclude)
-    rows = [r for r in rows if r["question"] not in exclude]
+    rows = careless([r for r in rows if r["question"] not in exclude], label_noise, seed)
     tokenizer = tiny.build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=512, seed=seed)
     model = tiny.build_model(tokenizer, seed=seed, **sizes)
     sft(model, tokenizer, rows, steps, seed=seed)
