@@ -311,7 +311,8 @@ def train_step(run):
     m[{"neural_mirror": "bregman", "kl": "kl", "prob_l2": "prob_l2", "none": "divergence"}[cfg.divergence_type]] = \
         sums["divergence"] / tokens
     for name, col in columns.items():
-        m[f"rewards/{name}"] = sum(col) / len(col)
+        col = torch.tensor(col)
+        m[f"rewards/{name}"], m[f"rewards/{name}_std"] = col.mean().item(), col.std().item()
     if "math_correctness" in columns:
         m["accuracy"] = m["rewards/math_correctness"]
     run["step"] += 1

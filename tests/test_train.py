@@ -21,7 +21,7 @@ LENGTH = [{"type": "length", "params": {"target_length": 3}}]
 TIMING = ("step_time", "tokens_per_s")
 STEP_KEYS = ("reward", "reward_std", "frac_zero_std_groups", "completion_length", "completion_length_max",
              "truncated_frac", "loss", "entropy", "clip_low", "clip_high", "bregman", "grad_norm", "lr",
-             "tokens_per_s", "step_time", "rewards/math_correctness", "accuracy")
+             "tokens_per_s", "step_time", "rewards/math_correctness", "rewards/math_correctness_std", "accuracy")
 
 
 def make(small, **kw):
@@ -102,6 +102,19 @@ def test_train_writes_metrics_samples_and_checkpoints(small):
     assert os.path.samefile(result["checkpoint"], ckpt)
     assert result["metrics"]["step"] == 2
     assert untimed(result["metrics"]) == untimed(rows[-1])
+
+
+def test_bf16_autocast_trains_with_float32_logprobs(small):
+    run = train.setup(make(small, precision="bf16", rewards=LENGTH))
+    assert run["amp_dtype"] == torch.bfloat16
+    before = params(run["model"])
+    train.fit(run)
+    rows = read_jsonl(os.path.join(run["cfg"].output_dir, "metrics.jsonl"))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert max_change(params(run["model"]), before) > 0
+    batch = train.rollout(run, run["train_set"][:2], 2, generator=torch.Generator().manual_seed(0))
+    logp, _ = train.batch_logprobs(run, run["model"], batch, slice(0, 4))
+    assert logp.dtype == torch.float32
 
 
 def test_save_total_limit_keeps_the_newest(small):
