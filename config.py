@@ -29,11 +29,11 @@ class Config:
     # model
     model_name: str = _f("Qwen/Qwen3-0.6B", "Hub name or local folder of a causal LM (from_pretrained)", "model")
     tokenizer_name: Optional[str] = _f(None, "tokenizer to load, if not the model's", "model")
-    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where the device supports it, else fp32)", "model")
+    precision: str = _f("auto", "auto / fp32 / bf16 / fp16 (auto: bf16 where the device supports it, else fp32)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory", "model")
     max_seq_length: int = _f(512, "longest prompt+completion the model is asked to handle (checked against its context)", "model")
     enable_thinking: Optional[bool] = _f(None, "passed to the chat template (Qwen3 thinking mode); None leaves the template's default", "model")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N", "model")
+    device: str = _f("auto", "auto / cpu / cuda / cuda:N", "model")
     # data
     dataset_name: Any = _f("openai/gsm8k", "Hub name, local file/folder (json/jsonl/csv/parquet), 'toy', or a list of dicts", "data")
     dataset_config: Optional[str] = _f(None, "dataset config name (gsm8k's is 'main'; presets fill it)", "data")
@@ -56,26 +56,27 @@ class Config:
     adam_beta2: float = _f(0.999, "Adam beta2", "training")
     adam_epsilon: float = _f(1e-8, "Adam epsilon", "training")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (<= 0: no clipping)", "training")
-    optimizer: str = _f("adamw_torch", "adamw_torch | adamw | adam | sgd", "training")
+    optimizer: str = _f("adamw_torch", "adamw_torch / adamw / adam / sgd", "training")
     lr_scheduler: str = _f("cosine", "any transformers scheduler: linear, cosine, constant, constant_with_warmup, ...", "training")
     warmup_steps: int = _f(10, "optimizer updates of linear warmup", "training")
-    seed: int = _f(42, "seed of everything random: data order, sampling, dropout", "training")
+    seed: int = _f(42, "seed of everything random: data order, sampling, the model's initial RNG", "training")
+    logprob_chunk_size: int = _f(1024, "tokens per chunk of the log-prob kernel (memory is chunk x vocab)", "training")
     # GRPO
     epsilon: float = _f(0.2, "clip range of the ratio", "grpo")
     epsilon_low: Optional[float] = _f(None, "lower clip range (default: epsilon)", "grpo")
     epsilon_high: Optional[float] = _f(None, "upper clip range (default: epsilon; DAPO uses 0.28)", "grpo")
     num_iterations: int = _f(1, "optimizer passes over each sampled batch (mu); > 1 uses old log-probs", "grpo")
-    loss_type: str = _f("grpo", "grpo (per-sequence mean) | bnpo (per-token mean) | dr_grpo | dapo", "grpo")
-    scale_rewards: str = _f("group", "divide advantages by the std of: group | batch | none (Dr. GRPO)", "grpo")
+    loss_type: str = _f("grpo", "grpo (per-sequence mean) / bnpo (tokens of this process) / dr_grpo / dapo (tokens of all processes)", "grpo")
+    scale_rewards: str = _f("group", "divide advantages by the std of: group / batch / none (Dr. GRPO)", "grpo")
     mask_truncated_completions: bool = _f(False, "drop completions that hit max_completion_length from the loss", "grpo")
     # regulariser
-    divergence_type: str = _f("neural_mirror", "neural_mirror | kl | prob_l2 | none", "mirror")
+    divergence_type: str = _f("neural_mirror", "neural_mirror / kl / prob_l2 / none", "mirror")
     mirror_coefficient: float = _f(1e-4, "weight of the Bregman divergence (neural_mirror, prob_l2)", "mirror")
     mirror_init_scale: float = _f(0.01, "mirror parameters start as uniform(0, 1) * this", "mirror")
     mirror_seed: int = _f(42, "seed of the mirror initialisation", "mirror")
     beta: float = _f(0.04, "weight of the k3 KL estimator (divergence_type='kl')", "mirror")
     # sampling
-    max_prompt_length: int = _f(768, "prompts longer than this are cut from the left (and counted)", "sampling")
+    max_prompt_length: int = _f(768, "prompts are cut from the left (and counted) to min(this, max_seq_length - max_completion_length)", "sampling")
     max_completion_length: int = _f(256, "new tokens per completion", "sampling")
     temperature: float = _f(0.8, "sampling temperature (log-probs are taken at the same temperature)", "sampling")
     top_p: float = _f(0.9, "nucleus sampling mass (1.0: off)", "sampling")
@@ -94,7 +95,6 @@ class Config:
     save_steps: int = _f(100, "checkpoint every this many steps (0: only at the end)", "logging")
     save_total_limit: int = _f(2, "checkpoints kept (the oldest are deleted)", "logging")
     resume: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from", "logging")
-    logprob_chunk_size: int = _f(1024, "tokens per chunk of the log-prob kernel (memory is chunk x vocab)", "logging")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -168,13 +168,15 @@ def read_file(path):
     ext = os.path.splitext(path)[1].lower()
     if ext == ".py":
         scope = {"__file__": os.path.abspath(path), "__name__": "__config__"}
-        exec(compile(open(path).read(), path, "exec"), scope)
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)
         skip = (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)
         return {k: v for k, v in scope.items() if k in FIELDS or not (
             k.startswith("_") or k.isupper() or isinstance(v, skip) or _is_typing(v))}
     if ext == ".json":
         try:
-            return json.load(open(path))
+            with open(path) as f:
+                return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
     if ext in (".yaml", ".yml"):
@@ -183,7 +185,8 @@ def read_file(path):
         except ImportError:
             raise ValueError("reading YAML configs needs PyYAML: pip install pyyaml") from None
         try:
-            data = yaml.safe_load(open(path)) or {}
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
@@ -259,9 +262,19 @@ def validate(cfg):
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
+    for key in ("epsilon_low", "epsilon_high"):
+        if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < (1 if key == "epsilon_low" else 10):
+            raise ValueError(f"{key}={getattr(cfg, key)} must be in [0, 1)" if key == "epsilon_low" else
+                             f"{key}={getattr(cfg, key)} must be in [0, 10)")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise ValueError(f"max_samples={cfg.max_samples} must be at least 1 (or None for all)")
     for key in ("learning_rate", "temperature"):
         if not getattr(cfg, key) > 0 or not math.isfinite(getattr(cfg, key)):
             raise ValueError(f"{key}={getattr(cfg, key)} must be a positive number")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value} must be a finite number")
     for key in ("mirror_coefficient", "mirror_init_scale", "beta", "weight_decay", "epsilon", "warmup_steps",
                 "top_k", "eval_size", "save_steps", "eval_steps", "log_completions"):
         if getattr(cfg, key) < 0:

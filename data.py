@@ -155,10 +155,15 @@ def _to_examples(rows, column_mapping, extract):
     """Rename mapped columns, extract references, keep every other column untouched."""
     if not rows:
         return []
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise ValueError(f"row {bad} is {rows[bad]!r:.200}, not a dict (a processing_fn must return the row)")
     mapping = _resolve_mapping(rows[0].keys(), column_mapping)
     ref_src = next((s for s, d in mapping.items() if d == "reference"), None)
     examples = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        if any(src not in row for src in mapping):
+            raise ValueError(f"row {i} lacks a column of {sorted(mapping)}: it has {sorted(row)}")
         ex = {"prompt": None, "reference": None}
         ex.update({k: v for k, v in row.items() if k not in mapping})
         ex.update({dst: row[src] for src, dst in mapping.items()})
@@ -273,7 +278,3 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1):
                        for e in range(first, last + 1)])  # (epochs spanned * n,)
     return order[start - first * n:start - first * n + batch_size].tolist()
 
-
-def epoch_of(step, n, batch_size, world_size=1):
-    """The epoch the first example of global `step` belongs to."""
-    return step * batch_size * world_size // n

@@ -9,13 +9,13 @@ import torch
 
 
 def _chunk_stats(h, weight, targets, temperature):
-    """Logits of one chunk in float32, with their log-sum-exp, chosen log-prob and entropy."""
+    """Log-softmax of one chunk's logits in float32, with the chosen log-prob and the entropy."""
     logits = (h @ weight.to(h.dtype).T).float() / temperature  # (C, V)
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
     logp_all = logits - lse[:, None]
     logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all, lse, logp, entropy
+    return logp_all, logp, entropy
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -27,7 +27,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
         entropy = torch.empty_like(logp)
         for i in range(0, n, chunk_size):
-            _, _, logp[i:i + chunk_size], entropy[i:i + chunk_size] = _chunk_stats(
+            _, logp[i:i + chunk_size], entropy[i:i + chunk_size] = _chunk_stats(
                 hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], temperature)
         ctx.save_for_backward(hidden, weight, targets, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -41,7 +41,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for i in range(0, hidden.size(0), c):
             h = hidden[i:i + c]
-            logp_all, _, _, _ = _chunk_stats(h, weight, targets[i:i + c], t)
+            logp_all, _, _ = _chunk_stats(h, weight, targets[i:i + c], t)
             p = logp_all.exp()  # (C, V)
             g = torch.zeros_like(p)  # d loss / d (logits / T)
             if grad_logp is not None:

@@ -33,7 +33,7 @@ def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gree
         probs = probs.masked_fill(drop, 0.0)
     cdf = probs.cumsum(-1)  # (N, V)
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u).clamp_(max=cdf.size(-1) - 1).squeeze(-1)  # (N,)
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)  # first cdf > u: (N,)
     return token if index is None else index.gather(-1, token[:, None]).squeeze(-1)
 
 

@@ -28,7 +28,7 @@ from logprobs import completion_logprobs
 from mirror import NeuralMirror, divergence
 from sampler import sample
 
-RANK = 0  # multi-process training sets these; one process is rank 0 of 1
+RANK = 0  # this process's rank and the number of processes: a single process is rank 0 of 1
 WORLD = 1
 
 
@@ -66,7 +66,20 @@ def load_model(name, device, cfg):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    head = model.get_output_embeddings()
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            raise ValueError(f"model_name={name!r} transforms its logits ({key}), which the log-prob kernel "
+                             "does not apply yet: choose a model without it")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"model_name={name!r} has an lm_head bias, which the log-prob kernel does not apply "
+                         "yet: choose a model without it")
+    for m in model.modules():  # sampler and learner must see the same function of the weights
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+    return model.to(device).train(), tokenizer
 
 
 def stop_ids(model, tokenizer):
@@ -79,6 +92,7 @@ def stop_ids(model, tokenizer):
 
 
 def build_optimizer(cfg, params):
+    """The torch optimizer that cfg.optimizer names."""
     kind = cfg.optimizer
     if kind in ("adamw_torch", "adamw"):
         return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -94,6 +108,11 @@ def setup(cfg):
     from transformers import get_scheduler
     torch.manual_seed(cfg.seed)
     device, amp_dtype = resolve_device(cfg)
+    resume = resume_path(cfg) if cfg.resume else None
+    if not resume and cfg.resume != "latest" and (checkpoints(cfg.output_dir) or
+                                                  os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl"))):
+        raise ValueError(f"output_dir={cfg.output_dir!r} holds an earlier run: continue it with --resume=latest, "
+                         "or give a new output_dir")
     reward_fns = rewards_lib.resolve(cfg.rewards, cfg.reward_functions or
                                      (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights)
     model, tokenizer = load_model(cfg.model_name, device, cfg)
@@ -107,7 +126,7 @@ def setup(cfg):
                          f"model's context of {context}: lower max_prompt_length or max_completion_length")
     train_set, eval_set = data.load_examples(
         cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
-        eval_size=cfg.eval_size, max_samples=cfg.max_samples, column_mapping=cfg.column_mapping,
+        eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples, column_mapping=cfg.column_mapping,
         processing_fn=cfg.processing_fn, seed=cfg.seed)
     if len(train_set) < cfg.batch_size * WORLD:
         raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
@@ -115,7 +134,7 @@ def setup(cfg):
     for ex in train_set + eval_set:
         ex["text"] = data.render_prompt(tokenizer, ex["prompt"], cfg.system_prompt, cfg.enable_thinking)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     ref_model = None
     if cfg.divergence_type != "none":  # a frozen copy of the initial weights, never the current ones
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -130,10 +149,11 @@ def setup(cfg):
                 scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
                 mirror=NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).to(device),
                 rewards=reward_fns, train_set=train_set, eval_set=eval_set, total_steps=total_steps,
-                step=0, skipped_steps=0, resume=resume_path(cfg) if cfg.resume else None)
+                step=0, skipped_steps=0, resume=resume)
 
 
 def autocast(run):
+    """Mixed precision for the forwards when the run asks for it."""
     if run["amp_dtype"] is None:
         return contextlib.nullcontext()
     return torch.autocast(run["device"].type, dtype=run["amp_dtype"])
@@ -379,6 +399,7 @@ def checkpoints(output_dir):
 
 
 def resume_path(cfg):
+    """The checkpoint folder cfg.resume names ('latest': the newest complete one, or None)."""
     if cfg.resume == "latest":
         found = checkpoints(cfg.output_dir)
         return found[-1] if found else None
@@ -395,12 +416,12 @@ def load_checkpoint(run, path):
         state = json.load(f)
     weights = [n for n in os.listdir(path) if n.startswith("model") and n.endswith(".safetensors")]
     if weights == ["model.safetensors"]:
-        load_weights(run["model"], os.path.join(path, "model.safetensors"), strict=False, device=str(run["device"]))
+        load_weights(run["model"], os.path.join(path, "model.safetensors"), device=str(run["device"]))
     else:
         from transformers import AutoModelForCausalLM
         run["model"].load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
     run["mirror"].load_state_dict(NeuralMirror.load(os.path.join(path, "mirror.safetensors")).state_dict())
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"), device=str(run["device"]))
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))  # load_state_dict moves them
     opt_state = {}
     for i, scalars in state["optimizer_scalars"].items():
         opt_state[int(i)] = {**scalars, **{k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == i}}
@@ -413,6 +434,11 @@ def load_checkpoint(run, path):
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
     run["step"], run["skipped_steps"] = state["step"], state["skipped_steps"]
+    now = config_dict(run["cfg"])
+    changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in state["config"].items()
+               if k not in ("resume", "output_dir") and now.get(k) != v]
+    if changed:
+        log("resuming with changed settings (the run will not match an uninterrupted one): " + "; ".join(changed))
 
 
 def config_dict(cfg):
@@ -431,17 +457,24 @@ def config_dict(cfg):
 # ---------------------------------------------------------------------------- the loop
 
 def append_jsonl(path, rows):
+    """Append rows to a jsonl log (rank 0); a non-finite number is written as null."""
     if RANK == 0:
         with open(path, "a") as f:
             for row in rows:
+                row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
                 f.write(json.dumps(row) + "\n")
 
 
 def truncate_jsonl(path, step):
     """Keep the rows of a jsonl log whose step is at most `step`."""
+    def kept(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # a line cut short when the process was killed
+            return False
     if RANK == 0 and os.path.isfile(path):
         with open(path) as f:
-            rows = [line for line in f if json.loads(line).get("step", 0) <= step]
+            rows = [line for line in f if kept(line)]
         with open(path, "w") as f:
             f.writelines(rows)
 
@@ -457,12 +490,14 @@ def fit(run):
     if run["resume"]:
         load_checkpoint(run, run["resume"])
         log(f"resumed from {run['resume']} at step {run['step']}")
+    elif cfg.resume == "latest":
+        log(f"resume='latest': no checkpoint in {cfg.output_dir} yet, starting at step 0")
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
-    if run["resume"]:  # rows logged after the checkpoint will be logged again
+    if cfg.resume:  # rows logged after the checkpoint (or with none, every row) will be logged again
         for path in (metrics_path, samples_path):
-            truncate_jsonl(path, run["step"])
+            truncate_jsonl(path, run["step"] if run["resume"] else -1)
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump(config_dict(cfg), f, indent=1)
     log(f"{cfg.model_name}: {sum(p.numel() for p in run['model'].parameters()):,} parameters on {run['device']}, "
@@ -496,7 +531,8 @@ def fit(run):
 
 
 def fmt(m):
-    keys = ("step", "reward", "accuracy", "loss", "bregman", "kl", "entropy", "completion_length",
+    """The console line of a metrics row."""
+    keys = ("step", "reward", "accuracy", "loss", "bregman", "kl", "prob_l2", "entropy", "completion_length",
             "grad_norm", "lr", "step_time", "eval/accuracy", "eval/reward", "warning")
     return " ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
 

@@ -103,6 +103,15 @@ def test_processing_fn_and_extra_columns():
     assert train[0]["prompt"] == ROWS[0]["question"]
 
 
+@pytest.mark.parametrize("rows,fn", [
+    (ROWS[:2], lambda r: r.update(question="x")),  # mutates and forgets to return the row
+    ([{"question": "a", "answer": "1"}, {"question": "b"}], None),  # a row without the mapped column
+])
+def test_rows_that_do_not_fit_the_mapping_name_the_row(rows, fn):
+    with pytest.raises(ValueError, match="row 1|row 0"):
+        data.load_examples(rows, column_mapping={"question": "prompt", "answer": "reference"}, processing_fn=fn)
+
+
 def test_eval_carving_disjoint_with_duplicates():
     rows = [{"prompt": f"q{i % 10}", "reference": str(i)} for i in range(40)]  # every prompt 4 times
     train, ev = data.load_examples(rows, eval_size=5, seed=0)
@@ -173,7 +182,6 @@ def test_batch_indices_epochs_are_permutations():
     assert all(sorted(e) == list(range(n)) for e in epochs)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
     assert stream == sum((data.batch_indices(n, bs, s, seed=1) for s in range(6)), [])
-    assert data.epoch_of(3, n, bs) == 1 and data.epoch_of(4, n, bs) == 2
     assert data.batch_indices(3, 7, 0, seed=0)[:3] == torch.randperm(3, generator=torch.Generator().manual_seed(0)).tolist()
     with pytest.raises(ValueError, match="rank"):
         data.batch_indices(n, bs, 0, seed=0, rank=2, world_size=2)

@@ -274,3 +274,9 @@ def test_positions_of_left_padded_rows():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     pos = sampler.positions(mask)
     assert pos[mask.bool()].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0]
+
+
+def test_next_token_never_draws_a_filtered_token_even_when_u_is_zero(monkeypatch):
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])  # token 0 is outside the top 2
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.zeros(1, 1))
+    assert sampler.next_token(logits, top_k=2).item() == 1  # the first kept token in vocabulary order

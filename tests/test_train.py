@@ -432,3 +432,31 @@ def test_cli_bad_model_exits_2_with_one_error_line(small, tmp_path):
     assert len(errors) == 1 and "model_name" in errors[0]
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert not os.path.exists(small["output_dir"])
+
+
+def test_an_earlier_run_in_output_dir_is_never_overwritten(small):
+    train.train(make(small, save_steps=1))
+    before = read_jsonl(os.path.join(small["output_dir"], "metrics.jsonl"))
+    with pytest.raises(ValueError, match="resume=latest"):
+        train.setup(make(small))
+    assert read_jsonl(os.path.join(small["output_dir"], "metrics.jsonl")) == before
+
+
+def test_resume_latest_without_a_checkpoint_starts_over(small):
+    out = small["output_dir"]
+    os.makedirs(out)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 1, "reward": 0.5}\n{"step": 2, "rew')  # a run killed mid-line before its first save
+    result = train.train(make(small, resume="latest"))
+    assert result["steps"] == 2
+    assert [r["step"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+
+
+def test_gradient_checkpointing_gives_the_same_update(small):
+    runs = []
+    for gc in (False, True):
+        run = train.setup(make(small, gradient_checkpointing=gc, rewards=LENGTH, output_dir=f"{small['output_dir']}-{gc}"))
+        assert run["model"].training and run["model"].is_activation_checkpointing == gc
+        train.fit(run)
+        runs.append(params(run["model"]))
+    assert max_change(runs[0], runs[1]) < 1e-6
