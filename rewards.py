@@ -4,7 +4,8 @@ Rewards: score decoded completions against their references.
 A reward is a plain function `f(text, reference=None, **kwargs) -> float`. `text` is one decoded
 completion, `reference` its dataset answer (or None), and kwargs carry the reward's own params
 together with the other columns of the dataset row (`test_list`, `context`, ...), so every reward
-takes `**kwargs` and ignores what it does not use. Params win over row columns of the same name.
+takes `**kwargs` and ignores what it does not use. A registered reward's named params come from the
+config only: a row column of the same name never reaches them.
 
 Two config forms say which rewards to use (give one, not both):
 
@@ -317,6 +318,11 @@ def _keywords(fn):
     return {p.name for p in ps[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _params(fn):
+    """The named params of fn after (text, reference)."""
+    return {p.name for p in list(inspect.signature(fn).parameters.values())[2:] if p.kind is not p.VAR_KEYWORD}
+
+
 def _check_params(name, fn, params, registered):
     try:
         sig = inspect.signature(fn)
@@ -396,8 +402,11 @@ def score(rewards, texts, references, rows=None):
     total, columns = [0.0] * n, {}
     for r in rewards:
         names, col = _keywords(r.fn), []
+        # a registered reward's named params come from the config alone, never from a same-named column
+        params = _params(r.fn) if any(f is r.fn for f in REWARDS.values()) else set()
         for i, (text, ref, row) in enumerate(zip(texts, references, rows)):
-            kw = {k: v for k, v in (row or {}).items() if k not in ("text", "reference") and (names is None or k in names)}
+            kw = {k: v for k, v in (row or {}).items()
+                  if k not in ("text", "reference") and k not in params and (names is None or k in names)}
             kw.update(r.params)
             try:
                 v = r.fn(text, ref, **kw)

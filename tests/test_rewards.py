@@ -296,3 +296,11 @@ def test_score_errors_name_the_reward():
         score(resolve(reward_functions=["length"]), ["x", "y"], [None, None], [{}])
     with pytest.raises(ValueError, match="share a name"):
         score([Reward("a", length, 1.0, {})] * 2, ["x"], [None])
+
+
+def test_a_row_column_never_sets_a_registered_rewards_param():
+    [r] = rewards.resolve(reward_functions=["length"])
+    text = "one two three"
+    plain, _ = rewards.score([r], [text], [None], [{}])
+    shadowed, _ = rewards.score([r], [text], [None], [{"max_length": 1, "unit": "chars"}])
+    assert plain == shadowed
