@@ -39,12 +39,15 @@ def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gree
 
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pad_token_id,
-           num_samples=1, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None):
+           num_samples=1, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None,
+           return_logprobs=False):
     """Sample `num_samples` completions for each of B left-padded prompts.
 
     input_ids, attention_mask: (B, P). Returns completion ids and mask, both (B*num_samples, T) with
     T <= max_new_tokens; the rows of prompt i are i*num_samples ... i*num_samples + G - 1. The mask
-    is 1 up to and including each row's EOS; after it, ids are pad_token_id.
+    is 1 up to and including each row's EOS; after it, ids are pad_token_id. With return_logprobs,
+    also the (N, T) float32 log-prob of each drawn token under softmax(logits / temperature), the
+    quantity the learner recomputes.
     """
     eos = torch.as_tensor(eos_token_id, device=input_ids.device).flatten()  # one or several stop ids
     cache = DynamicCache()
@@ -59,9 +62,13 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     n = logits.size(0)
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+    logps = torch.zeros((n, max_new_tokens), device=input_ids.device) if return_logprobs else None
     for t in range(max_new_tokens):
         token = next_token(logits, temperature, top_p, top_k, generator, greedy)
         tokens[:, t] = token.masked_fill(done, pad_token_id)
+        if return_logprobs:
+            scaled = logits.float() / temperature
+            logps[:, t] = scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
         done = done | torch.isin(token, eos)
         if t == max_new_tokens - 1 or (t % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(done.all())):
             break
@@ -71,7 +78,10 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
                     cache=cache, use_cache=True)
         logits = out.logits[:, -1]
     tokens = tokens[:, : t + 1]  # (N, T)
-    return tokens, completion_mask(tokens, eos)
+    mask = completion_mask(tokens, eos)
+    if return_logprobs:
+        return tokens, mask, logps[:, : t + 1] * mask
+    return tokens, mask
 
 
 def completion_mask(tokens, eos):

@@ -181,7 +181,8 @@ def score(run, examples, completions):
 
 
 def rollout(run, examples, num_samples, generator=None, greedy=False):
-    """Sample `num_samples` completions per example: prompt/completion ids and masks, decoded texts."""
+    """Sample `num_samples` completions per example: prompt/completion ids and masks, the sampler's
+    log-probs of its tokens, decoded texts."""
     cfg, tok = run["cfg"], run["tokenizer"]
     ids, mask, n_cut = data.encode_prompts(tok, [ex["text"] for ex in examples], run["prompt_cap"])
     ids, mask = ids.to(run["device"]), mask.to(run["device"])
@@ -189,13 +190,14 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
     was_training = model.training
     model.eval()
     with autocast(run):
-        comp, comp_mask = sample(model, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
-                                 pad_token_id=tok.pad_token_id, num_samples=num_samples, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, top_k=cfg.top_k, greedy=greedy, generator=generator)
+        comp, comp_mask, comp_logp = sample(
+            model, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
+            pad_token_id=tok.pad_token_id, num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+            top_k=cfg.top_k, greedy=greedy, generator=generator, return_logprobs=True)
     model.train(was_training)
     texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
     return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
-                ids=comp, mask=comp_mask, texts=texts, prompts_cut=n_cut)
+                ids=comp, mask=comp_mask, sampler_logp=comp_logp, texts=texts, prompts_cut=n_cut)
 
 
 def batch_logprobs(run, model, batch, rows, grad=False):
@@ -253,10 +255,13 @@ def learn(run, batch, adv, loss_mask):
     if cfg.num_iterations > 1:
         old_logp = torch.cat([batch_logprobs(run, model, batch, s)[0] for s in slices])
     norm = normaliser(cfg, loss_mask)
-    sums = dict(loss=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, divergence=0.0, ratio=0.0, grad_norm=0.0)
-    for _ in range(cfg.num_iterations):
+    sums = dict(loss=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, divergence=0.0, ratio=0.0, grad_norm=0.0,
+                logp_gap=0.0)
+    for it in range(cfg.num_iterations):
         for s in slices:
             logp, ent = batch_logprobs(run, model, batch, s, grad=True)
+            if it == 0:  # the sampler and the learner should agree on the weights they share
+                sums["logp_gap"] += ((logp.detach() - batch["sampler_logp"][s]).abs() * batch["mask"][s]).sum().item()
             old = logp.detach() if old_logp is None else old_logp[s]
             ref = None if ref_logp is None else ref_logp[s]
             loss, stats = loss_terms(run, logp, old, ref, adv[s], loss_mask[s], norm)
@@ -325,6 +330,7 @@ def train_step(run):
              loss=sums["loss"], entropy=sums["entropy"] / gen_tokens if gen_tokens else 0.0,
              clip_low=sums["clip_low"] / tokens, clip_high=sums["clip_high"] / tokens,
              ratio=sums["ratio"] / tokens, grad_norm=sums["grad_norm"],
+             sampler_logp_gap=sums["logp_gap"] / gen_tokens if gen_tokens else 0.0,
              lr=lr, skipped_steps=run["skipped_steps"],
              tokens_per_s=gen_tokens / (t3 - t0), step_time=t3 - t0,
              time_sample=t1 - t0, time_score=t2 - t1, time_learn=t3 - t2)

@@ -21,7 +21,7 @@ LENGTH = [{"type": "length", "params": {"target_length": 3}}]
 TIMING = ("step_time", "tokens_per_s")
 STEP_KEYS = ("reward", "reward_std", "frac_zero_std_groups", "completion_length", "completion_length_max",
              "truncated_frac", "loss", "entropy", "clip_low", "clip_high", "bregman", "grad_norm", "lr",
-             "tokens_per_s", "step_time", "rewards/math_correctness", "rewards/math_correctness_std", "accuracy")
+             "tokens_per_s", "step_time", "sampler_logp_gap", "rewards/math_correctness", "rewards/math_correctness_std", "accuracy")
 
 
 def make(small, **kw):
@@ -54,7 +54,7 @@ def fixed_length_sampler(monkeypatch, eos_at):
     real = train.sample
 
     def sample(model, ids, mask, **kw):
-        tokens, _ = real(model, ids, mask, **kw)
+        tokens, _, _ = real(model, ids, mask, **kw)
         eos, pad = kw["eos_token_id"][0], kw["pad_token_id"]
         tokens = tokens.masked_fill(torch.isin(tokens, torch.as_tensor([*kw["eos_token_id"], pad])), 100)
         for i in range(tokens.size(0)):
@@ -62,7 +62,8 @@ def fixed_length_sampler(monkeypatch, eos_at):
             if t is not None:
                 tokens[i, t] = eos
                 tokens[i, t + 1:] = pad
-        return tokens, completion_mask(tokens, torch.as_tensor(kw["eos_token_id"]))
+        new_mask = completion_mask(tokens, torch.as_tensor(kw["eos_token_id"]))
+        return tokens, new_mask, torch.zeros(tokens.shape)  # the rewritten tokens have no sampler log-probs
 
     monkeypatch.setattr(train, "sample", sample)
 
@@ -460,3 +461,9 @@ def test_gradient_checkpointing_gives_the_same_update(small):
         train.fit(run)
         runs.append(params(run["model"]))
     assert max_change(runs[0], runs[1]) < 1e-6
+
+
+def test_sampler_and_learner_agree_on_the_log_probs(small):
+    train.train(make(small, max_steps=3, num_iterations=2, rewards=LENGTH))
+    gaps = [r["sampler_logp_gap"] for r in read_jsonl(os.path.join(small["output_dir"], "metrics.jsonl"))]
+    assert len(gaps) == 3 and all(g < 1e-4 for g in gaps)  # fp32: the same weights, the same function
