@@ -1,0 +1,263 @@
+"""Side-by-side benchmarks: each row times one of ours against its peer, same run, same inputs.
+
+    python bench.py                              # quick set (under 2 minutes on a 2-core CPU)
+    python bench.py --rows sampler,logprobs      # some rows only
+    python bench.py --full                       # the full shapes (about 12 minutes on a 2-core CPU)
+
+Rows (ratio = ours / peer, in the row's unit):
+  sampler   sampler.sample vs HF generate: 128 new tokens (no row stops), temperature 0.8, top_p 0.9,
+            top_k 0, fp32, random Qwen3s, ~32-token left-padded prompts; generated tokens/s.
+  logprobs  logprobs.token_logprobs and a selective log-softmax (logits.gather - logsumexp, as TRL)
+            vs naive log_softmax(h @ W.T / T).gather; forward + backward with a random upstream
+            grad into hidden and lm_head weight; seconds.
+  mirror    mirror.divergence("neural_mirror") vs logprobs.token_logprobs, forward + backward over
+            the same tokens (logprobs at the quick shape); microseconds per token. Target: < 0.05.
+
+Method: every case runs in a fresh subprocess (`python bench.py --case SPEC`) that builds its
+model and inputs, then runs 1 warmup and `--repeats` timed calls and reports the median. Peak
+memory is what the case adds on top of its setup (imports, model, inputs): on CUDA,
+max_memory_allocated minus memory_allocated after setup; on CPU (Linux), the peak RSS at the end
+(ru_maxrss) minus the RSS after setup. It covers the warmup and every repeat, and includes the
+gradients the case leaves behind. Timings on CUDA synchronize around each call. Threads: torch's default.
+"""
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+import logprobs  # noqa: E402
+import sampler  # noqa: E402
+from mirror import NeuralMirror, divergence  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NEW_TOKENS = 128
+TEMPERATURE, TOP_P = 0.8, 0.9
+# Qwen3 shapes: intermediate 4*hidden, tied embeddings (as tiny.build_model), random weights
+MODELS = {
+    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=1024),
+    "mid": dict(layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32, vocab=8192),
+}
+LOGPROB_SHAPES = {"quick": dict(tokens=1024, hidden=256, vocab=32768),
+                  "full": dict(tokens=4096, hidden=896, vocab=151936)}
+
+
+# ----------------------------------------------------------------------------- cases (in the subprocess)
+
+def build_qwen3(layers, hidden, heads, kv_heads, head_dim, vocab):
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
+                         eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(DEVICE).eval()
+    # eos = vocab is never produced, so every row runs the full 128 tokens on both sides
+    model.generation_config = GenerationConfig(eos_token_id=vocab, pad_token_id=0)
+    return model
+
+
+def prompts(batch, vocab, length=32, seed=0):
+    """Random left-padded prompts of 24..32 tokens: ids and mask (batch, length)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    real = torch.randint(length - 8, length + 1, (batch, 1), generator=g)
+    mask = (torch.arange(length) >= length - real).long()
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+
+
+def case_sampler(spec):
+    """(step, work): one call samples NEW_TOKENS for every row; work is the tokens generated."""
+    model = build_qwen3(**MODELS[spec["model"]])
+    vocab = model.config.vocab_size
+    ids, mask = prompts(spec["batch"], vocab)
+    seed = itertools.count()  # a fresh seed per call
+
+    def ours():
+        gen = torch.Generator(DEVICE).manual_seed(next(seed))
+        sampler.sample(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=vocab, pad_token_id=0,
+                       temperature=TEMPERATURE, top_p=TOP_P, top_k=0, generator=gen)
+
+    def hf():
+        torch.manual_seed(next(seed))
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
+                       top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+
+    return {"ours": ours, "hf": hf}[spec["side"]], spec["batch"] * NEW_TOKENS
+
+
+def logprob_inputs(tokens, hidden, vocab):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g).to(DEVICE).requires_grad_()
+    w = (0.02 * torch.randn(vocab, hidden, generator=g)).to(DEVICE).requires_grad_()
+    targets = torch.randint(vocab, (tokens,), generator=g).to(DEVICE)
+    return h, w, targets, torch.randn(tokens, generator=g).to(DEVICE)  # upstream grad into logp
+
+
+def case_logprobs(spec):
+    """(step, work): forward + backward of one log-prob method; work is the token count."""
+    h, w, targets, grad = logprob_inputs(**spec["shape"])
+
+    def ours():
+        return logprobs.token_logprobs(h, w, targets, TEMPERATURE)[0]
+
+    def naive():
+        return torch.log_softmax(h @ w.T / TEMPERATURE, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+    def selective():
+        logits = h @ w.T / TEMPERATURE  # (N, V)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    method = {"ours": ours, "naive": naive, "selective": selective}[spec["side"]]
+
+    def step():
+        h.grad = w.grad = None
+        method().backward(grad)
+
+    return step, h.size(0)
+
+
+def case_mirror(spec):
+    """(step, work): forward + backward of the neural-mirror divergence over N sampled tokens."""
+    g = torch.Generator().manual_seed(0)
+    n = spec["shape"]["tokens"]
+    logp = (-5 * torch.rand(n, generator=g)).to(DEVICE).requires_grad_()  # (N,) policy log-probs
+    ref_logp = (logp.detach() + 0.1 * torch.randn(n, generator=g).to(DEVICE)).clamp(max=0)
+    grad = torch.randn(n, generator=g).to(DEVICE)
+    mirror = NeuralMirror().to(DEVICE)  # its parameters take gradients, as in train.py
+
+    def step():
+        logp.grad = None
+        mirror.zero_grad(set_to_none=True)
+        divergence("neural_mirror", logp, ref_logp, mirror=mirror, coef=1e-4).backward(grad)
+
+    return step, n
+
+
+CASES = {"sampler": case_sampler, "logprobs": case_logprobs, "mirror": case_mirror}
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_now():
+    if DEVICE.type == "cuda":
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_peak():
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_case(spec):
+    """Set up one case, time it, print its result as one JSON line."""
+    step, work = CASES[spec["case"]](spec)
+    sync()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = memory_now()
+    times = []
+    for _ in range(1 + spec["repeats"]):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    print("RESULT " + json.dumps(dict(seconds=statistics.median(times[1:]), work=work,
+                                      peak=memory_peak() - base)))
+
+
+# ----------------------------------------------------------------------------- rows (in the parent)
+
+_results = {}
+
+
+def measure(**spec):
+    """Run one case in a fresh subprocess (memoised within this run); returns its result dict."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _results:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", key],
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"case {key} failed:\n{proc.stderr[-3000:]}")
+        _results[key] = json.loads(lines[-1][len("RESULT "):])
+        print(f"  {key}: {_results[key]}", file=sys.stderr)
+    return _results[key]
+
+
+def row(name, shape, unit, ours, peer, value):
+    a, b = value(ours), value(peer)
+    return dict(row=name, shape=shape, unit=unit, ours=a, peer=b, ratio=a / b, mem_ours=ours["peak"] / 2**20,
+                mem_peer=peer["peak"] / 2**20)
+
+
+def rows_sampler(full, repeats):
+    sizes = [(m, b) for m in MODELS for b in (16, 64)] if full else [("tiny", 16), ("mid", 16)]
+    for model, batch in sizes:
+        ours, hf = (measure(case="sampler", side=s, model=model, batch=batch, repeats=repeats) for s in ("ours", "hf"))
+        yield row("sampler vs HF generate", f"{model}, batch {batch}", "tokens/s", ours, hf,
+                  lambda r: r["work"] / r["seconds"])
+
+
+def rows_logprobs(full, repeats):
+    shape = LOGPROB_SHAPES["full" if full else "quick"]
+    naive = measure(case="logprobs", side="naive", shape=shape, repeats=repeats)
+    text = f"{shape['tokens']} tok, hidden {shape['hidden']}, vocab {shape['vocab']}"
+    for side, name in (("ours", "token_logprobs vs naive"), ("selective", "selective log-softmax vs naive")):
+        ours = measure(case="logprobs", side=side, shape=shape, repeats=repeats)
+        yield row(name, text, "s", ours, naive, lambda r: r["seconds"])
+
+
+def rows_mirror(full, repeats):
+    shape = LOGPROB_SHAPES["quick"]
+    ours = measure(case="mirror", shape=dict(tokens=shape["tokens"]), repeats=repeats)
+    peer = measure(case="logprobs", side="ours", shape=shape, repeats=repeats)
+    yield row("neural_mirror divergence vs token_logprobs", f"{shape['tokens']} tok", "us/token", ours, peer,
+              lambda r: 1e6 * r["seconds"] / r["work"])
+
+
+ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--full", action="store_true", help="the full shapes (slow on a CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median), after 1 warmup")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, JSON spec
+    args = parser.parse_args()
+    if args.case:
+        return run_case(json.loads(args.case))
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{'full' if args.full else 'quick'} set; {device}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; median of {args.repeats} after 1 warmup; ratio = ours / peer\n")
+    print("| row | shape | unit | ours | peer | ratio | peak MiB ours | peak MiB peer |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        for r in ROWS[name](args.full, args.repeats):
+            print(f"| {r['row']} | {r['shape']} | {r['unit']} | {r['ours']:.4g} | {r['peer']:.4g} | {r['ratio']:.3f} "
+                  f"| {r['mem_ours']:.0f} | {r['mem_peer']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
