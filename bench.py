@@ -7,7 +7,8 @@
 Rows (ratio = ours / peer, in the row's unit):
   sampler   sampler.sample vs HF generate: 128 new tokens (no row stops), temperature 0.8, top_p 0.9,
             top_k 0, fp32, random Qwen3s, ~32-token left-padded prompts; generated tokens/s.
-  logprobs  logprobs.token_logprobs and a selective log-softmax (logits.gather - logsumexp, as TRL)
+  logprobs  logprobs.token_logprobs (eager and compiled; the compile happens in the warmup) and a
+            selective log-softmax (logits.gather - logsumexp, as TRL)
             vs naive log_softmax(h @ W.T / T).gather; forward + backward with a random upstream
             grad into hidden and lm_head weight; seconds.
   mirror    mirror.divergence("neural_mirror") vs logprobs.token_logprobs, forward + backward over
@@ -110,6 +111,9 @@ def case_logprobs(spec):
     def ours():
         return logprobs.token_logprobs(h, w, targets, TEMPERATURE)[0]
 
+    def compiled():
+        return logprobs.token_logprobs(h, w, targets, TEMPERATURE, compile=True)[0]
+
     def naive():
         return torch.log_softmax(h @ w.T / TEMPERATURE, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
@@ -117,7 +121,7 @@ def case_logprobs(spec):
         logits = h @ w.T / TEMPERATURE  # (N, V)
         return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
-    method = {"ours": ours, "naive": naive, "selective": selective}[spec["side"]]
+    method = {"ours": ours, "compiled": compiled, "naive": naive, "selective": selective}[spec["side"]]
 
     def step():
         h.grad = w.grad = None
@@ -219,7 +223,8 @@ def rows_logprobs(full, repeats):
     shape = LOGPROB_SHAPES["full" if full else "quick"]
     naive = measure(case="logprobs", side="naive", shape=shape, repeats=repeats)
     text = f"{shape['tokens']} tok, hidden {shape['hidden']}, vocab {shape['vocab']}"
-    for side, name in (("ours", "token_logprobs vs naive"), ("selective", "selective log-softmax vs naive")):
+    for side, name in (("ours", "token_logprobs vs naive"), ("compiled", "token_logprobs compiled vs naive"),
+                       ("selective", "selective log-softmax vs naive")):
         ours = measure(case="logprobs", side=side, shape=shape, repeats=repeats)
         yield row(name, text, "s", ours, naive, lambda r: r["seconds"])
 

@@ -204,7 +204,8 @@ def batch_logprobs(run, model, batch, rows, grad=False):
     """Log-probs and entropies (n, T) of the completions `rows` (a slice) under `model`."""
     with torch.set_grad_enabled(grad), autocast(run):
         return completion_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows], batch["ids"][rows],
-                                   batch["mask"][rows], run["cfg"].temperature, run["cfg"].logprob_chunk_size)
+                                   batch["mask"][rows], run["cfg"].temperature, run["cfg"].logprob_chunk_size,
+                                   run["cfg"].torch_compile)
 
 
 def loss_terms(run, logp, old_logp, ref_logp, adv, mask, norm):

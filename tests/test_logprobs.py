@@ -229,3 +229,29 @@ def test_no_full_vocab_tensor(model, batch):
         logp, entropy = logprobs.completion_logprobs(model, *batch, 1.0, chunk)
         (logp.sum() + entropy.sum()).backward()
     assert mode.rows and max(mode.rows) <= chunk
+
+
+def test_compiled_kernel_equals_eager():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 16), torch.randn(96, 16)
+    targets, up = torch.randint(0, 96, (40,)), torch.randn(2, 40)
+    results = []
+    for compile in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = logprobs.token_logprobs(h, w, targets, 0.7, chunk_size=16, compile=compile)
+        (logp * up[0] + ent * up[1]).sum().backward()
+        results.append((logp.detach(), ent.detach(), h.grad, w.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(fn, **kw):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(logprobs.torch, "compile", broken)
+    monkeypatch.setattr(logprobs, "_COMPILED", {})
+    monkeypatch.setattr(logprobs, "_FAILED", set())
+    hidden, weight, targets = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
+    with pytest.warns(UserWarning, match="running eagerly"):
+        logp, _ = logprobs.token_logprobs(hidden, weight, targets, compile=True)
+    torch.testing.assert_close(logp, torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None]).squeeze(-1))
