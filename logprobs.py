@@ -41,6 +41,7 @@ def _run(fn, compile, *args):
 
 
 def _logits(h, weight, temperature):
+    """Float32 logits of one chunk at the temperature."""
     return (h @ weight.to(h.dtype).T).float() / temperature  # (C, V)
 
 

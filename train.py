@@ -190,14 +190,14 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
     was_training = model.training
     model.eval()
     with autocast(run):
-        comp, comp_mask, comp_logp = sample(
+        comp, comp_mask, *comp_logp = sample(
             model, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
             pad_token_id=tok.pad_token_id, num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-            top_k=cfg.top_k, greedy=greedy, generator=generator, return_logprobs=True)
+            top_k=cfg.top_k, greedy=greedy, generator=generator, return_logprobs=not greedy)  # eval needs none
     model.train(was_training)
     texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
     return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
-                ids=comp, mask=comp_mask, sampler_logp=comp_logp, texts=texts, prompts_cut=n_cut)
+                ids=comp, mask=comp_mask, sampler_logp=comp_logp[0] if comp_logp else None, texts=texts, prompts_cut=n_cut)
 
 
 def batch_logprobs(run, model, batch, rows, grad=False):
