@@ -1,18 +1,23 @@
 """Side-by-side benchmarks: each row times one of ours against its peer, same run, same inputs.
 
-    python bench.py                              # quick set (under 2 minutes on a 2-core CPU)
+    python bench.py                              # quick set (about 3 minutes on a 2-core CPU)
     python bench.py --rows sampler,logprobs      # some rows only
-    python bench.py --full                       # the full shapes (about 12 minutes on a 2-core CPU)
+    python bench.py --full                       # the full shapes (about 25 minutes on a 2-core CPU)
 
 Rows (ratio = ours / peer, in the row's unit):
-  sampler   sampler.sample vs HF generate: 128 new tokens (no row stops), temperature 0.8, top_p 0.9,
+  sampler   sampler.sample, eager and compiled (the compile happens in the warmup and is reported,
+            not timed) vs HF generate: 128 new tokens (no row stops), temperature 0.8, top_p 0.9,
             top_k 0, fp32, random Qwen3s, ~32-token left-padded prompts; generated tokens/s.
-  logprobs  logprobs.token_logprobs (eager and compiled; the compile happens in the warmup) and a
-            selective log-softmax (logits.gather - logsumexp, as TRL)
-            vs naive log_softmax(h @ W.T / T).gather; forward + backward with a random upstream
-            grad into hidden and lm_head weight; seconds.
+  logprobs  logprobs.token_logprobs and the fused loss logprobs.token_loss (eager and compiled), and a
+            selective log-softmax (logits.gather - logsumexp, as TRL) vs naive
+            log_softmax(h @ W.T / T).gather; forward + backward with a random upstream grad on the
+            log-probs (the fused loss: sum(grad * logp)) into hidden and lm_head weight; seconds.
   mirror    mirror.divergence("neural_mirror") vs logprobs.token_logprobs, forward + backward over
             the same tokens (logprobs at the quick shape); microseconds per token. Target: < 0.05.
+  step      train.train_step vs one optimizer step of TRL's GRPOTrainer (needs `pip install trl`):
+            the same saved random Qwen3 and tokenizer, 8 prompts x 8 completions of exactly 32 or 128
+            tokens, temperature 1, fp32, no reference model (divergence none / beta 0), loss grpo,
+            AdamW, the `length` reward; seconds per step.
 
 Method: every case runs in a fresh subprocess (`python bench.py --case SPEC`) that builds its
 model and inputs, then runs 1 warmup and `--repeats` timed calls and reports the median. Peak
@@ -22,6 +27,7 @@ max_memory_allocated minus memory_allocated after setup; on CPU (Linux), the pea
 gradients the case leaves behind. Timings on CUDA synchronize around each call. Threads: torch's default.
 """
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -29,16 +35,22 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, TrainerCallback  # noqa: E402
 
+import config  # noqa: E402
+import data  # noqa: E402
 import logprobs  # noqa: E402
+import rewards  # noqa: E402
 import sampler  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
 from mirror import NeuralMirror, divergence  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,17 +95,18 @@ def case_sampler(spec):
     ids, mask = prompts(spec["batch"], vocab)
     seed = itertools.count()  # a fresh seed per call
 
-    def ours():
+    def ours(**kw):
         gen = torch.Generator(DEVICE).manual_seed(next(seed))
         sampler.sample(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=vocab, pad_token_id=0,
-                       temperature=TEMPERATURE, top_p=TOP_P, top_k=0, generator=gen)
+                       temperature=TEMPERATURE, top_p=TOP_P, top_k=0, generator=gen, **kw)
 
     def hf():
         torch.manual_seed(next(seed))
         model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
                        top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
-    return {"ours": ours, "hf": hf}[spec["side"]], spec["batch"] * NEW_TOKENS
+    sides = {"ours": ours, "static": lambda: ours(static_cache=True), "compiled": lambda: ours(compile=True), "hf": hf}
+    return sides[spec["side"]], spec["batch"] * NEW_TOKENS
 
 
 def logprob_inputs(tokens, hidden, vocab):
@@ -114,6 +127,12 @@ def case_logprobs(spec):
     def compiled():
         return logprobs.token_logprobs(h, w, targets, TEMPERATURE, compile=True)[0]
 
+    def fused():  # the per-token loss sum(grad * logp) evaluated inside the pass
+        return logprobs.token_loss(h, w, targets, lambda lp, s: (lp * grad[s]).sum(), TEMPERATURE)[0]
+
+    def fused_compiled():
+        return logprobs.token_loss(h, w, targets, lambda lp, s: (lp * grad[s]).sum(), TEMPERATURE, compile=True)[0]
+
     def naive():
         return torch.log_softmax(h @ w.T / TEMPERATURE, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
@@ -121,11 +140,13 @@ def case_logprobs(spec):
         logits = h @ w.T / TEMPERATURE  # (N, V)
         return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
-    method = {"ours": ours, "compiled": compiled, "naive": naive, "selective": selective}[spec["side"]]
+    method = {"ours": ours, "compiled": compiled, "fused": fused, "fused_compiled": fused_compiled, "naive": naive,
+              "selective": selective}[spec["side"]]
 
     def step():
         h.grad = w.grad = None
-        method().backward(grad)
+        out = method()
+        out.backward(grad if out.dim() else None)
 
     return step, h.size(0)
 
@@ -137,17 +158,118 @@ def case_mirror(spec):
     logp = (-5 * torch.rand(n, generator=g)).to(DEVICE).requires_grad_()  # (N,) policy log-probs
     ref_logp = (logp.detach() + 0.1 * torch.randn(n, generator=g).to(DEVICE)).clamp(max=0)
     grad = torch.randn(n, generator=g).to(DEVICE)
-    mirror = NeuralMirror().to(DEVICE)  # its parameters take gradients, as in train.py
+    mirror = NeuralMirror().to(DEVICE).requires_grad_(False)  # ES moves it, not the gradient (as in train.py)
 
     def step():
         logp.grad = None
-        mirror.zero_grad(set_to_none=True)
         divergence("neural_mirror", logp, ref_logp, mirror=mirror, coef=1e-4).backward(grad)
 
     return step, n
 
 
-CASES = {"sampler": case_sampler, "logprobs": case_logprobs, "mirror": case_mirror}
+STEP_PROMPTS, STEP_GENERATIONS = 8, 8
+STEP_COMMON = dict(temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, max_grad_norm=1.0, weight_decay=0.0,
+                   loss_type="grpo", num_iterations=1, gradient_accumulation_steps=1)
+
+
+def save_step_model(folder, model):
+    """A random Qwen3 of MODELS[model] and a 1024-token BPE tokenizer, saved to folder; the 8 questions."""
+    rows = data.toy_task(300, seed=0)
+    tokenizer = tiny.build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=1024)
+    net = build_qwen3(**MODELS[model]).cpu()
+    net.config.eos_token_id, net.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    net.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    net.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return [r["question"] for r in rows[:STEP_PROMPTS]]
+
+
+def step_ours(folder, questions, length, out):
+    """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step."""
+    cfg = config.make(model_name=folder, dataset_name=[{"prompt": q} for q in questions], eval_size=0,
+                      batch_size=STEP_PROMPTS, num_generations=STEP_GENERATIONS, max_steps=1000,
+                      max_completion_length=length, max_prompt_length=128, divergence_type="none",
+                      reward_functions=["length"], precision="fp32", device=DEVICE.type, lr_scheduler="constant",
+                      warmup_steps=0, seed=0, output_dir=os.path.join(out, "ours"), **STEP_COMMON)
+    run = train.setup(cfg)
+    run["eos"] = [run["model"].config.vocab_size]  # an id never drawn: every row runs `length` tokens
+    return lambda: train.train_step(run)[0]["completion_length_max"]
+
+
+class Gate(TrainerCallback):
+    """Parks trainer.train() (run in a thread) at the start and after each optimizer step."""
+
+    def __init__(self):
+        self.go, self.done, self.error = threading.Semaphore(0), threading.Semaphore(0), None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.go.acquire()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.done.release()
+        self.go.acquire()
+
+
+def step_trl(folder, questions, length, out):
+    """One real GRPOTrainer optimizer step per call: trainer.train() runs in a thread that a callback
+    releases for exactly one step, so the step is TRL's own loop (generate 64 completions with HF
+    generate, score, loss, backward, clip, AdamW), nothing re-implemented."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = [data.render_prompt(tokenizer, q) for q in questions]  # the text train.py renders
+    args = GRPOConfig(
+        output_dir=os.path.join(out, "trl"), use_cpu=DEVICE.type == "cpu", bf16=False, fp16=False,
+        activation_checkpointing=False, per_device_train_batch_size=STEP_PROMPTS * STEP_GENERATIONS,
+        num_generations=STEP_GENERATIONS, max_completion_length=length,
+        generation_kwargs={"min_new_tokens": length},  # EOS masked until `length`
+        beta=0.0, scale_rewards="group", shuffle_dataset=False, max_steps=1000, lr_scheduler_type="constant",
+        warmup_steps=0, optim="adamw_torch", report_to="none", logging_strategy="no", save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, seed=0, **STEP_COMMON)
+    gate = Gate()
+    trainer = GRPOTrainer(model=folder, reward_funcs=lambda completions, **kw: [rewards.length(c) for c in completions],
+                          args=args, train_dataset=Dataset.from_list([{"prompt": t} for t in texts] * 1000),
+                          processing_class=tokenizer, callbacks=[gate])
+    threads = torch.get_num_threads()
+
+    def target():
+        torch.set_num_threads(threads)
+        try:
+            trainer.train()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of step()
+            gate.error = e
+        gate.done.release()
+
+    threading.Thread(target=target, daemon=True).start()
+
+    def step():
+        gate.go.release()
+        gate.done.acquire()
+        if gate.error is not None:
+            raise gate.error
+        return trainer._metrics["train"]["completions/max_length"][-1]
+
+    return step
+
+
+def case_step(spec):
+    """(step, work): one optimizer step of a whole GRPO loop, 8 prompts x 8 completions of exactly
+    spec["length"] tokens, no reference model; work is the completions per step."""
+    import tempfile
+    out = tempfile.mkdtemp(prefix="nmgrpo-bench-")
+    questions = save_step_model(os.path.join(out, "model"), spec["model"])
+    one = {"ours": step_ours, "trl": step_trl}[spec["side"]](os.path.join(out, "model"), questions, spec["length"], out)
+
+    def step():
+        longest = one()
+        assert longest == spec["length"], f"a completion of {longest} tokens, not {spec['length']}"
+
+    return step, STEP_PROMPTS * STEP_GENERATIONS
+
+
+CASES = {"sampler": case_sampler, "logprobs": case_logprobs, "mirror": case_mirror, "step": case_step}
 
 
 def sync():
@@ -182,7 +304,7 @@ def run_case(spec):
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    print("RESULT " + json.dumps(dict(seconds=statistics.median(times[1:]), work=work,
+    print("RESULT " + json.dumps(dict(seconds=statistics.median(times[1:]), warmup=times[0], work=work,
                                       peak=memory_peak() - base)))
 
 
@@ -214,9 +336,11 @@ def row(name, shape, unit, ours, peer, value):
 def rows_sampler(full, repeats):
     sizes = [(m, b) for m in MODELS for b in (16, 64)] if full else [("tiny", 16), ("mid", 16)]
     for model, batch in sizes:
-        ours, hf = (measure(case="sampler", side=s, model=model, batch=batch, repeats=repeats) for s in ("ours", "hf"))
-        yield row("sampler vs HF generate", f"{model}, batch {batch}", "tokens/s", ours, hf,
-                  lambda r: r["work"] / r["seconds"])
+        hf = measure(case="sampler", side="hf", model=model, batch=batch, repeats=repeats)
+        for side, name in (("ours", "sampler vs HF generate"), ("compiled", "sampler compiled vs HF generate")):
+            ours = measure(case="sampler", side=side, model=model, batch=batch, repeats=repeats)
+            extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" else ""
+            yield row(name + extra, f"{model}, batch {batch}", "tokens/s", ours, hf, lambda r: r["work"] / r["seconds"])
 
 
 def rows_logprobs(full, repeats):
@@ -224,9 +348,21 @@ def rows_logprobs(full, repeats):
     naive = measure(case="logprobs", side="naive", shape=shape, repeats=repeats)
     text = f"{shape['tokens']} tok, hidden {shape['hidden']}, vocab {shape['vocab']}"
     for side, name in (("ours", "token_logprobs vs naive"), ("compiled", "token_logprobs compiled vs naive"),
+                       ("fused", "fused loss vs naive"), ("fused_compiled", "fused loss compiled vs naive"),
                        ("selective", "selective log-softmax vs naive")):
         ours = measure(case="logprobs", side=side, shape=shape, repeats=repeats)
         yield row(name, text, "s", ours, naive, lambda r: r["seconds"])
+
+
+def rows_step(full, repeats):
+    if importlib.util.find_spec("trl") is None:
+        print("step rows skipped: TRL is not installed (pip install trl, a bench-only extra)", file=sys.stderr)
+        return
+    sizes = [(m, n) for m in MODELS for n in (32, 128)] if full else [("tiny", 32)]
+    for model, length in sizes:
+        ours, trl_ = (measure(case="step", side=s, model=model, length=length, repeats=repeats) for s in ("ours", "trl"))
+        yield row("GRPO step vs TRL GRPOTrainer", f"{model}, 8 x 8 x {length} tok", "s/step", ours, trl_,
+                  lambda r: r["seconds"])
 
 
 def rows_mirror(full, repeats):
@@ -237,7 +373,7 @@ def rows_mirror(full, repeats):
               lambda r: 1e6 * r["seconds"] / r["work"])
 
 
-ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror}
+ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror, "step": rows_step}
 
 
 def main():

@@ -61,7 +61,8 @@ class Config:
     warmup_steps: int = _f(10, "optimizer updates of linear warmup", "training")
     seed: int = _f(42, "seed of everything random: data order, sampling, the model's initial RNG", "training")
     logprob_chunk_size: int = _f(1024, "tokens per chunk of the log-prob kernel (memory is chunk x vocab)", "training")
-    torch_compile: bool = _f(False, "run the log-prob kernel's softmax math torch.compile'd (a one-off compile; eager if it fails)", "training")
+    fused_loss: bool = _f(True, "evaluate the per-token loss inside the chunked lm_head pass (logits computed once); False: log-probs, then the loss through autograd", "training")
+    torch_compile: bool = _f(False, "torch.compile the sampler's decode step (static KV cache) and the log-prob kernel's softmax math: one-off compile cost, eager if it fails", "training")
     # GRPO
     epsilon: float = _f(0.2, "clip range of the ratio", "grpo")
     epsilon_low: Optional[float] = _f(None, "lower clip range (default: epsilon)", "grpo")

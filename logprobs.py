@@ -1,30 +1,45 @@
 """Per-token log-probs (and entropy) of chosen tokens, straight from hidden states and the lm_head.
 
 `log_softmax(h @ W.T / T).gather(targets)` would hold a (tokens, vocab) tensor, 0.6 GB for 1k tokens
-of a 152k vocab in fp32, plus as much again for its gradient. Here the tokens go in chunks: forward
-keeps only each row's log-prob and entropy, and backward recomputes a chunk's logits to form its
-gradient, so the extra memory is (chunk, vocab). The softmax math is float32 whatever the model
-dtype; with `compile=True` it runs as torch.compile'd kernels (eager if compiling fails).
+of a 152k vocab in fp32, plus as much again for its gradient. Here the tokens go in chunks through
+one reused (chunk, vocab) float32 buffer, so the extra memory is that buffer plus W's gradient.
+
+Two ways through:
+- `token_logprobs`: forward keeps each row's log-prob, entropy and logsumexp; backward recomputes a
+  chunk's logits to form its gradient (four lm_head matmuls in all, naive autograd needs three).
+- `token_loss`: the caller's per-token loss is evaluated chunk by chunk inside the same pass, so each
+  chunk's gradient is formed while its logits are live: three matmuls, nothing recomputed.
+
+The softmax math is float32 whatever the model dtype; with `compile=True` it runs as torch.compile'd
+kernels (eager if compiling fails).
 """
 import warnings
 
 import torch
+from transformers import DynamicCache
 
 _COMPILED, _FAILED = {}, set()
 
 
-def _stats(logits, targets):
-    """Chosen-token log-prob and entropy (C,) of float32 logits (C, V)."""
-    logp_all = torch.log_softmax(logits, -1)
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+def _stats_(logits, targets):
+    """Chosen-token log-prob, entropy and logsumexp (C,) of float32 logits (C, V), which become log-softmax."""
+    lse = torch.logsumexp(logits, -1)
+    logp_all = logits.sub_(lse[:, None])
+    if torch.compiler.is_compiling():  # one fused reduction
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    else:  # eagerly, a batched dot product saves a (C, V) temporary
+        entropy = -torch.bmm(logp_all.exp()[:, None], logp_all[:, :, None]).flatten()
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy, lse
 
 
-def _grad(logits, targets, grad_logp, grad_entropy, entropy):
-    """d loss / d logits (C, V), given the upstream grads of logp and entropy (C,)."""
-    logp_all = torch.log_softmax(logits, -1)
-    p = logp_all.exp()
-    g = -p * (grad_logp[:, None] + (logp_all + entropy[:, None]) * grad_entropy[:, None])
-    return g.scatter_add(-1, targets[:, None], grad_logp[:, None])
+def _grad_(logp_all, targets, a, b, entropy):
+    """Overwrite log-softmax (C, V) with d/dlogits of sum(a * logp + b * entropy); a, b (C,), b may be None."""
+    if b is None:
+        logp_all.exp_().mul_(-a[:, None])
+    else:  # d entropy / d logit_j = -p_j * (logp_j + entropy)
+        p = logp_all.exp()
+        logp_all.add_(entropy[:, None]).mul_(b[:, None]).add_(a[:, None]).mul_(p).neg_()
+    return logp_all.scatter_add_(-1, targets[:, None], a[:, None])
 
 
 def _run(fn, compile, *args):
@@ -40,9 +55,27 @@ def _run(fn, compile, *args):
     return fn(*args)
 
 
-def _logits(h, weight, temperature):
-    """Float32 logits of one chunk at the temperature."""
-    return (h @ weight.to(h.dtype).T).float() / temperature  # (C, V)
+def _logits(h, weight, out):
+    """out[:C] = h @ weight.T as float32 (C, V), written into the reused buffer `out`."""
+    out = out[: h.size(0)]
+    if h.dtype == torch.float32:
+        return torch.mm(h, weight.T, out=out)
+    return out.copy_(h @ weight.T)
+
+
+def _backprop(g, h, weight, grad_h, grad_w):
+    """Chain a chunk's logit gradient g (C, V) into grad_h (C, D) and, in place, grad_w (V, D)."""
+    if grad_h is not None:
+        torch.mm(g.to(h.dtype), weight, out=grad_h)
+    if grad_w is not None:
+        if h.dtype == torch.float32:
+            grad_w.addmm_(g.T, h)
+        else:
+            grad_w += (g.to(h.dtype).T @ h).float()
+
+
+def _chunks(n, chunk_size):
+    return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -51,31 +84,68 @@ class ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, compile):
         n = hidden.size(0)
-        logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        entropy = torch.empty_like(logp)
-        for i in range(0, n, chunk_size):
-            logits = _logits(hidden[i:i + chunk_size], weight, temperature)
-            logp[i:i + chunk_size], entropy[i:i + chunk_size] = _run(_stats, compile, logits, targets[i:i + chunk_size])
-        ctx.save_for_backward(hidden, weight, targets, entropy)
+        w = weight.to(hidden.dtype)
+        h_t = hidden / temperature  # folding 1/T into h costs (N, D), not (N, V)
+        buf = torch.empty(min(chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
+        logp, entropy, lse = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
+        for s in _chunks(n, chunk_size):
+            logp[s], entropy[s], lse[s] = _run(_stats_, compile, _logits(h_t[s], w, buf), targets[s])
+        ctx.save_for_backward(hidden, h_t, weight, targets, entropy, lse)
         ctx.temperature, ctx.chunk_size, ctx.compile = temperature, chunk_size, compile
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, entropy = ctx.saved_tensors
-        t, c = ctx.temperature, ctx.chunk_size
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        hidden, h_t, weight, targets, entropy, lse = ctx.saved_tensors
+        n, t = h_t.size(0), ctx.temperature
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        a = (torch.zeros_like(lse) if grad_logp is None else grad_logp.float()) / t  # 1/T: logits = h W^T / T
+        b = None if grad_entropy is None else grad_entropy.float() / t
+        w = weight.to(h_t.dtype)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for i in range(0, hidden.size(0), c):
-            h = hidden[i:i + c]
-            logits = _logits(h, weight, t)
-            g = _run(_grad, ctx.compile, logits, targets[i:i + c], grad_logp[i:i + c], grad_entropy[i:i + c],
-                     entropy[i:i + c]) / t  # d loss / d (h @ W.T): (C, V)
-            if grad_h is not None:
-                grad_h[i:i + c] = g.to(hidden.dtype) @ weight.to(hidden.dtype)
-            if grad_w is not None:
-                grad_w += g.T @ h.float()
+        buf = torch.empty(min(ctx.chunk_size, n), w.size(0), device=h_t.device, dtype=torch.float32)
+        for s in _chunks(n, ctx.chunk_size):
+            logp_all = _logits(h_t[s], w, buf).sub_(lse[s, None])  # recomputed: (C, V)
+            g = _run(_grad_, ctx.compile, logp_all, targets[s], a[s], None if b is None else b[s], entropy[s])
+            _backprop(g, hidden[s], w, None if grad_h is None else grad_h[s], grad_w)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """sum_i loss_fn(logp_i) over the rows, its gradient formed in forward while each chunk's logits live."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, loss_fn, temperature, chunk_size, compile):
+        n = hidden.size(0)
+        w = weight.to(hidden.dtype)
+        h_t = hidden / temperature
+        buf = torch.empty(min(chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
+        logp, entropy = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(2))
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for s in _chunks(n, chunk_size):
+            logits = _logits(h_t[s], w, buf)
+            logp[s], entropy[s], _ = _run(_stats_, compile, logits, targets[s])  # logits is now log-softmax
+            with torch.enable_grad():
+                lp = logp[s].detach().requires_grad_()
+                chunk_loss = loss_fn(lp, s)
+                a, = torch.autograd.grad(chunk_loss, lp)  # d loss / d logp: (C,)
+            loss += chunk_loss.detach()
+            g = _run(_grad_, compile, logits, targets[s], a.float() / temperature, None, entropy[s])
+            _backprop(g, hidden[s], w, None if grad_h is None else grad_h[s], grad_w)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _logp, _entropy):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), None, None, None, None, None
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, compile=False):
@@ -83,22 +153,62 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, co
     return ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(compile))
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                        temperature=1.0, chunk_size=1024, compile=False):
-    """Log-probs and entropies (B, T) of completions given their left-padded prompts (0 where masked).
+def token_loss(hidden, weight, targets, loss_fn, temperature=1.0, chunk_size=1024, compile=False):
+    """The fused loss path: (loss, logp (N,), entropy (N,)), loss = sum over chunks of loss_fn(logp[s], s).
 
-    prompt_*: (B, P); completion_*: (B, T). Runs the decoder once over prompt+completion and the
-    chunked kernel over the completion tokens that count.
+    loss_fn(logp (C,), s: slice of rows) -> scalar must be a sum of per-row terms, each depending on
+    its own logp only (the GRPO surrogate and regulariser are); its gradient reaches hidden and
+    weight through backward of `loss`. logp and entropy come back detached, for the metrics.
     """
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+T)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    return ChunkedLoss.apply(hidden, weight, targets, loss_fn, float(temperature), int(chunk_size), bool(compile))
+
+
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group=1):
+    """Decoder states before each kept completion token (M, D), their targets (M,) and the mask (B, T).
+
+    prompt_*: (B, P), left padded; completion_*: (B, T). With group G > 1, rows i*G ... i*G + G - 1
+    share one prompt: it runs once and its keys/values are repeated for the G completions (gradients
+    flow through them), instead of one decoder pass over every prompt+completion row.
+    """
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+T)
     pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     p = prompt_ids.size(1)
+    if group == 1:
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                  use_cache=False).last_hidden_state[:, p - 1:-1]  # (B, T, D)
+    else:
+        cache = DynamicCache()
+        last = model.base_model(input_ids=prompt_ids[::group], attention_mask=prompt_mask[::group],
+                                position_ids=pos[::group, :p], cache=cache, use_cache=True).last_hidden_state[:, -1:]
+        cache.batch_repeat_interleave(group)
+        rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                                position_ids=pos[:, p:-1], cache=cache, use_cache=True).last_hidden_state
+        hidden = torch.cat([last.repeat_interleave(group, 0), rest], dim=1)  # (B, T, D)
     keep = completion_mask.bool()  # (B, T)
-    h = hidden[:, p - 1:-1][keep]  # (M, D): the state before each kept completion token
-    logp, ent = token_logprobs(h, model.get_output_embeddings().weight, completion_ids[keep], temperature,
-                               chunk_size, compile)
-    out_logp = torch.zeros(completion_ids.shape, dtype=torch.float32, device=ids.device)
-    out_ent = torch.zeros_like(out_logp)
-    return out_logp.masked_scatter(keep, logp), out_ent.masked_scatter(keep, ent)
+    return hidden[keep], completion_ids[keep], keep
+
+
+def scatter_rows(values, keep):
+    """Kept-token values (M,) back to (B, T) float32, 0 where not kept."""
+    return torch.zeros(keep.shape, dtype=torch.float32, device=values.device).masked_scatter(keep, values)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                        temperature=1.0, chunk_size=1024, compile=False, group=1):
+    """Log-probs and entropies (B, T) of completions given their left-padded prompts (0 where masked)."""
+    h, targets, keep = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group)
+    logp, ent = token_logprobs(h, model.get_output_embeddings().weight, targets, temperature, chunk_size, compile)
+    return scatter_rows(logp, keep), scatter_rows(ent, keep)
+
+
+def completion_loss(model, prompt_ids, prompt_mask, completion_ids, completion_mask, loss_fn,
+                    temperature=1.0, chunk_size=1024, compile=False, group=1):
+    """The fused loss over completions: (loss, logp (B, T), entropy (B, T)), the last two detached.
+
+    loss_fn(logp (C,), s) sees the kept tokens (completion_mask == 1) in row-major order; s slices them.
+    """
+    h, targets, keep = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group)
+    loss, logp, ent = token_loss(h, model.get_output_embeddings().weight, targets, loss_fn, temperature,
+                                 chunk_size, compile)
+    return loss, scatter_rows(logp, keep), scatter_rows(ent, keep)

@@ -2,13 +2,19 @@
 
 The left-padded prompts are prefilled once; their cache is repeated for the G samples of each
 prompt; then one token per step for all rows, each row stopping at EOS or max_new_tokens.
-Noise comes from a generator the caller seeds (seed, step, rank): one uniform per row per step,
-turned into a token by inverse-CDF, so runs reproduce and no two rows share noise.
+Noise comes from a generator the caller seeds (seed, step, rank), drawn once for the whole call;
+each uniform becomes a token by inverse-CDF, so runs reproduce and no two rows share noise. Top-p
+needs no sort of the vocabulary: draws from the whole law are kept only inside the nucleus.
 """
+import math
+import warnings
+
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 EOS_CHECK_EVERY = 8  # decode steps between the host syncs that test whether every row has stopped
+CACHE_BUCKET = 64  # a static cache's length is rounded up to this, so a compiled step sees few shapes
+_COMPILED, _FAILED = {}, set()
 
 
 def positions(attention_mask):
@@ -17,8 +23,38 @@ def positions(attention_mask):
     return pos.masked_fill(attention_mask == 0, 1)
 
 
-def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, greedy=False):
-    """One token per row from last-position logits (N, V): argmax, or a filtered sample."""
+def draws_per_row(top_p):
+    """Proposals per row for top-p: each lands in the nucleus with probability >= top_p, so all of them
+    miss with probability < 1e-12 (for top_p >= 0.03; 1024 at most)."""
+    return 1 if top_p >= 1.0 else min(1024, math.ceil(math.log(1e-12) / math.log1p(-top_p)))
+
+
+def in_nucleus(probs, draws, top_p):
+    """(N, K) bool: whether each drawn token (N, K) is in its row's top-p nucleus, the smallest head of the
+    sorted law whose mass reaches top_p: the tokens more probable than it hold less than top_p.
+
+    No sort of the vocabulary: a bisection over the K drawn probabilities, each probe one masked sum.
+    """
+    p = probs.gather(-1, draws)  # (N, K)
+    bounds, k = p.sort(-1).values, p.size(-1)
+    lo = torch.zeros_like(draws[:, :1])  # the first sorted bound inside the nucleus lies in [lo, hi]
+    hi = torch.full_like(lo, k)
+    for _ in range(k.bit_length()):
+        mid = (lo + hi) // 2
+        b = bounds.gather(-1, mid.clamp(max=k - 1))  # (N, 1)
+        above = torch.relu(probs - b).sum(-1, keepdim=True) + b * (probs > b).sum(-1, keepdim=True)
+        inside, active = above < top_p, lo < hi
+        lo, hi = torch.where(active & ~inside, mid + 1, lo), torch.where(active & inside, mid, hi)
+    return (p >= bounds.gather(-1, lo.clamp(max=k - 1))) & (lo < k)
+
+
+def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, greedy=False, u=None):
+    """One token per row from last-position logits (N, V): argmax, or a filtered sample.
+
+    The noise is `u` (N, draws_per_row(top_p)), or drawn from `generator`: each uniform gives a token of
+    the (top-k filtered) law by inverse-CDF, and the first draw inside the top-p nucleus is the sample
+    (rejection sampling: exactly the renormalised nucleus; the argmax if every draw missed).
+    """
     if greedy:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -26,21 +62,54 @@ def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gree
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (N, V)
-    index = None
-    if top_p < 1.0:
-        probs, index = probs.sort(dim=-1, descending=True)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest head whose mass reaches top_p
-        probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(-1)  # (N, V)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)  # first cdf > u: (N,)
-    return token if index is None else index.gather(-1, token[:, None]).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    if u is None:
+        u = torch.rand(cdf.size(0), draws_per_row(top_p), generator=generator, device=cdf.device)
+    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)  # first cdf > u: (N, K)
+    if top_p >= 1.0:
+        return draws[:, 0]
+    inside = in_nucleus(probs, draws, top_p)
+    first = draws.gather(-1, inside.int().argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(inside.any(-1), first, probs.argmax(-1))
+
+
+def _choose(logits, u, temperature, top_p, top_k, greedy, with_logp):
+    """The next token (N,) and, with_logp, its log-prob (N,) under softmax(logits / temperature)."""
+    token = next_token(logits, temperature, top_p, top_k, greedy=greedy, u=u)
+    if not with_logp:
+        return token, None
+    scaled = logits.float() / temperature
+    return token, scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+
+
+def _decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp):
+    """One decode step: feed `token` (N,) at `pos` (N, 1), choose the next one; see _choose."""
+    logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache,
+                   use_cache=True).logits[:, -1]
+    return _choose(logits, u, temperature, top_p, top_k, greedy, with_logp)
+
+
+def _compiled_decode():
+    """_decode through torch.compile (built once), or None after a failed compile."""
+    if _decode in _FAILED:
+        return None
+    if _decode not in _COMPILED:
+        _COMPILED[_decode] = torch.compile(_decode, dynamic=False)
+    return _COMPILED[_decode]
+
+
+def _static_cache(model, prefill, num_samples, length):
+    """A preallocated cache of `length` positions holding the prefill's keys/values repeated per sample."""
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    for i, layer in enumerate(prefill.layers):
+        cache.update(layer.keys.repeat_interleave(num_samples, 0), layer.values.repeat_interleave(num_samples, 0), i)
+    return cache
 
 
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pad_token_id,
            num_samples=1, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None,
-           return_logprobs=False):
+           return_logprobs=False, static_cache=False, compile=False):
     """Sample `num_samples` completions for each of B left-padded prompts.
 
     input_ids, attention_mask: (B, P). Returns completion ids and mask, both (B*num_samples, T) with
@@ -48,35 +117,56 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     is 1 up to and including each row's EOS; after it, ids are pad_token_id. With return_logprobs,
     also the (N, T) float32 log-prob of each drawn token under softmax(logits / temperature), the
     quantity the learner recomputes.
+
+    static_cache preallocates the keys/values (no per-step concatenation); compile (implies
+    static_cache) runs each fixed-shape decode step torch.compile'd, eagerly if compiling fails.
+    The tokens do not depend on either.
     """
-    eos = torch.as_tensor(eos_token_id, device=input_ids.device).flatten()  # one or several stop ids
-    cache = DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                cache=cache, use_cache=True, logits_to_keep=1)  # fills `cache` in place
-    logits = out.logits[:, -1]  # (B, V)
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V), N = B*G
-        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+    dev = input_ids.device
+    eos = torch.as_tensor(eos_token_id, device=dev).flatten()  # one or several stop ids
+    b, p = input_ids.shape
+    n = b * num_samples
+    u = torch.rand(max_new_tokens, n, draws_per_row(top_p), generator=generator, device=dev)  # all the noise, once
+    prefill = DynamicCache()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                   cache=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V); fills `prefill`
+    logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+    attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)  # (N, P)
     pos = positions(attention_mask)[:, -1:]  # (N, 1)
-    n = logits.size(0)
-    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
-    logps = torch.zeros((n, max_new_tokens), device=input_ids.device) if return_logprobs else None
+    step = _compiled_decode() if compile else None
+    if compile or static_cache:
+        length = -(-(p + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        cache = _static_cache(model, prefill, num_samples, length)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(n, length - p)], dim=1)  # (N, L)
+    else:
+        cache = prefill
+        cache.batch_repeat_interleave(num_samples)
+    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
+    logps = torch.zeros((n, max_new_tokens), device=dev) if return_logprobs else None
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    token, logp = _choose(logits, u[0], temperature, top_p, top_k, greedy, return_logprobs)
     for t in range(max_new_tokens):
-        token = next_token(logits, temperature, top_p, top_k, generator, greedy)
         tokens[:, t] = token.masked_fill(done, pad_token_id)
         if return_logprobs:
-            scaled = logits.float() / temperature
-            logps[:, t] = scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+            logps[:, t] = logp
         done = done | torch.isin(token, eos)
         if t == max_new_tokens - 1 or (t % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(done.all())):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
+        if cache is prefill:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
+        else:
+            attention_mask[:, p + t] = 1  # the position `token` is written to
         pos = pos + 1
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos,
-                    cache=cache, use_cache=True)
-        logits = out.logits[:, -1]
+        args = (model, token, attention_mask, pos, cache, u[t + 1], temperature, top_p, top_k, greedy, return_logprobs)
+        if step is not None:
+            try:
+                token, logp = step(*args)
+                continue
+            except Exception as e:  # no compiler, unsupported backend, ...
+                _FAILED.add(_decode)
+                step = None
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eagerly")
+        token, logp = _decode(*args)
     tokens = tokens[:, : t + 1]  # (N, T)
     mask = completion_mask(tokens, eos)
     if return_logprobs:

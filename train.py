@@ -24,7 +24,7 @@ from tqdm import tqdm
 import config as config_lib
 import data
 import rewards as rewards_lib
-from logprobs import completion_logprobs
+from logprobs import completion_logprobs, completion_loss
 from mirror import NeuralMirror, divergence
 from sampler import sample
 
@@ -147,7 +147,7 @@ def setup(cfg):
                 tokenizer=tokenizer, eos=stop_ids(model, tokenizer), prompt_cap=prompt_cap,
                 optimizer=optimizer, scheduler=scheduler,
                 scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
-                mirror=NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).to(device),
+                mirror=NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).to(device).requires_grad_(False),
                 rewards=reward_fns, train_set=train_set, eval_set=eval_set, total_steps=total_steps,
                 step=0, skipped_steps=0, resume=resume)
 
@@ -193,46 +193,101 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
         comp, comp_mask, *comp_logp = sample(
             model, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
             pad_token_id=tok.pad_token_id, num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-            top_k=cfg.top_k, greedy=greedy, generator=generator, return_logprobs=not greedy)  # eval needs none
+            top_k=cfg.top_k, greedy=greedy, generator=generator, return_logprobs=not greedy,  # eval needs none
+            compile=cfg.torch_compile)
     model.train(was_training)
     texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
     return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
                 ids=comp, mask=comp_mask, sampler_logp=comp_logp[0] if comp_logp else None, texts=texts, prompts_cut=n_cut)
 
 
+def prompt_group(cfg, rows):
+    """G when the slice `rows` holds whole groups, so each prompt's decoder pass can serve its G
+    completions (not under gradient checkpointing, which runs without a cache); else 1."""
+    g = cfg.num_generations
+    return g if rows.start % g == 0 and (rows.stop - rows.start) % g == 0 and not cfg.gradient_checkpointing else 1
+
+
 def batch_logprobs(run, model, batch, rows, grad=False):
     """Log-probs and entropies (n, T) of the completions `rows` (a slice) under `model`."""
+    cfg = run["cfg"]
     with torch.set_grad_enabled(grad), autocast(run):
         return completion_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows], batch["ids"][rows],
-                                   batch["mask"][rows], run["cfg"].temperature, run["cfg"].logprob_chunk_size,
-                                   run["cfg"].torch_compile)
+                                   batch["mask"][rows], cfg.temperature, cfg.logprob_chunk_size, cfg.torch_compile,
+                                   prompt_group(cfg, rows))
+
+
+def clip_range(cfg):
+    """(epsilon_low, epsilon_high) of the ratio clip."""
+    return (cfg.epsilon if cfg.epsilon_low is None else cfg.epsilon_low,
+            cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
+
+
+def per_token_loss(run, logp, old_logp, ref_logp, adv):
+    """-clipped surrogate + weighted regulariser of each token, its ratio and its divergence.
+
+    Every argument is shaped like logp, or broadcasts to it (adv (n, 1) against (n, T)).
+    """
+    cfg = run["cfg"]
+    lo, hi = clip_range(cfg)
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - lo, 1 + hi) * adv)
+    div = divergence(cfg.divergence_type, logp, ref_logp, mirror=run["mirror"], coef=1.0, beta=1.0)
+    weight = cfg.beta if cfg.divergence_type == "kl" else cfg.mirror_coefficient
+    return -surrogate + weight * div, ratio, div
+
+
+def token_weights(cfg, mask, norm, dtype=torch.float32):
+    """Each token's weight in the step loss (n, T): loss_type's averaging over the loss mask, over `norm`."""
+    m = mask.to(dtype)
+    if cfg.loss_type == "grpo":  # mean over each sequence first
+        m = m / m.sum(1, keepdim=True).clamp(min=1)
+    return m / norm
+
+
+@torch.no_grad()
+def token_stats(cfg, ratio, div, adv, mask):
+    """Per-token sums over the loss mask: clipped fractions, divergence, ratio."""
+    lo, hi = clip_range(cfg)
+    a, m = adv[:, None], mask.float()
+    stats = dict(clip_low=((ratio < 1 - lo) & (a < 0)).float(), clip_high=((ratio > 1 + hi) & (a > 0)).float(),
+                 divergence=div, ratio=ratio)
+    return {k: (v.detach() * m).sum().item() for k, v in stats.items()}
 
 
 def loss_terms(run, logp, old_logp, ref_logp, adv, mask, norm):
-    """The micro-batch's share of the step loss and its per-token statistics.
+    """The micro-batch's share of the step loss through plain autograd, and its per-token statistics.
 
     logp, old_logp, ref_logp, mask: (n, T); adv: (n,). `norm` is the loss_type's denominator over the
     whole step batch, so the update does not depend on how the batch is cut into micro-batches.
     """
+    per_token, ratio, div = per_token_loss(run, logp, old_logp, ref_logp, adv[:, None])  # (n, T)
+    loss = (per_token * token_weights(run["cfg"], mask, norm, logp.dtype)).sum()
+    return loss, token_stats(run["cfg"], ratio, div, adv, mask)
+
+
+def fused_loss_terms(run, model, batch, rows, old_logp, ref_logp, adv, mask, norm):
+    """The same loss, evaluated chunk by chunk inside the lm_head pass (logprobs.completion_loss).
+
+    Returns (loss, logp (n, T), entropy (n, T), stats); old_logp None means the current log-probs.
+    """
     cfg = run["cfg"]
-    lo = cfg.epsilon if cfg.epsilon_low is None else cfg.epsilon_low
-    hi = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-    ratio = torch.exp(logp - old_logp)  # (n, T)
-    a = adv[:, None]
-    surrogate = torch.min(ratio * a, ratio.clamp(1 - lo, 1 + hi) * a)
-    div = divergence(cfg.divergence_type, logp, ref_logp, mirror=run["mirror"], coef=1.0, beta=1.0)
-    weight = cfg.beta if cfg.divergence_type == "kl" else cfg.mirror_coefficient
-    per_token = -surrogate + weight * div  # (n, T)
-    m = mask.float()
-    if cfg.loss_type == "grpo":
-        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum() / norm
-    else:
-        loss = (per_token * m).sum() / norm
+    keep = batch["mask"][rows].bool()  # the tokens the kernel sees, in row-major order
+    weights = token_weights(cfg, mask, norm)[keep]  # (M,)
+    adv_tok = adv[:, None].expand(keep.shape)[keep]
+    old, ref = (None if x is None else x[keep] for x in (old_logp, ref_logp))
+
+    def loss_fn(lp, s):  # lp (C,): log-probs of the kept tokens s
+        o = lp.detach() if old is None else old[s]
+        return (per_token_loss(run, lp, o, None if ref is None else ref[s], adv_tok[s])[0] * weights[s]).sum()
+
+    with autocast(run):
+        loss, logp, ent = completion_loss(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                                          batch["ids"][rows], batch["mask"][rows], loss_fn, cfg.temperature,
+                                          cfg.logprob_chunk_size, cfg.torch_compile, prompt_group(cfg, rows))
     with torch.no_grad():
-        stats = dict(clip_low=((ratio < 1 - lo) & (a < 0)).float(), clip_high=((ratio > 1 + hi) & (a > 0)).float(),
-                     divergence=div.detach(), ratio=ratio.detach())
-        stats = {k: (v * m).sum().item() for k, v in stats.items()}
-    return loss, stats
+        _, ratio, div = per_token_loss(run, logp, logp if old_logp is None else old_logp, ref_logp, adv[:, None])
+    return loss, logp, ent, token_stats(cfg, ratio, div, adv, mask)
 
 
 def normaliser(cfg, mask):
@@ -260,12 +315,16 @@ def learn(run, batch, adv, loss_mask):
                 logp_gap=0.0)
     for it in range(cfg.num_iterations):
         for s in slices:
-            logp, ent = batch_logprobs(run, model, batch, s, grad=True)
+            old = None if old_logp is None else old_logp[s]
+            ref = None if ref_logp is None else ref_logp[s]
+            if cfg.fused_loss:
+                loss, logp, ent, stats = fused_loss_terms(run, model, batch, s, old, ref, adv[s], loss_mask[s], norm)
+            else:
+                logp, ent = batch_logprobs(run, model, batch, s, grad=True)
+                loss, stats = loss_terms(run, logp, logp.detach() if old is None else old, ref, adv[s], loss_mask[s],
+                                         norm)
             if it == 0:  # the sampler and the learner should agree on the weights they share
                 sums["logp_gap"] += ((logp.detach() - batch["sampler_logp"][s]).abs() * batch["mask"][s]).sum().item()
-            old = logp.detach() if old_logp is None else old_logp[s]
-            ref = None if ref_logp is None else ref_logp[s]
-            loss, stats = loss_terms(run, logp, old, ref, adv[s], loss_mask[s], norm)
             (run["scaler"].scale(loss) if run["scaler"] else loss).backward()
             sums["loss"] += loss.item() / cfg.num_iterations
             sums["entropy"] += (ent.detach() * batch["mask"][s]).sum().item() / cfg.num_iterations

@@ -98,6 +98,68 @@ def test_bfloat16_hidden_is_scored_in_float32():
     torch.testing.assert_close(entropy, ref_entropy, atol=2e-2, rtol=1e-2)
 
 
+# ------------------------------------------------------------------------------------------ the fused loss path
+
+def surrogate(up):
+    """A per-token loss of the GRPO kind: clipped ratio against fixed old log-probs, plus a squared term."""
+    def loss_fn(lp, s):
+        ratio = torch.exp(lp - (lp.detach() - 0.1))
+        return (-torch.min(ratio * up[s], ratio.clamp(0.8, 1.2) * up[s]) + 0.3 * lp.double().exp() ** 2).sum()
+    return loss_fn
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("chunk", [1, 7, N, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_loss_equals_logprobs_then_loss(scale, chunk, temperature):
+    hidden, weight, targets = inputs(*SCALES[scale])
+    loss_fn = surrogate(torch.randn(N, generator=torch.Generator().manual_seed(3)))
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, logp, entropy = logprobs.token_loss(h, w, targets, loss_fn, temperature, chunk)
+    assert loss.dim() == 0 and not logp.requires_grad and not entropy.requires_grad
+    loss.backward()
+
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_logp, ref_entropy = naive(h2, w2, targets, temperature)
+    ref_loss = loss_fn(ref_logp, slice(0, N))
+    ref_loss.backward()
+
+    torch.testing.assert_close(loss.double(), ref_loss.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp, ref_logp.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy.detach(), atol=1e-5, rtol=1e-5)
+    for got, want in ((h.grad, h2.grad), (w.grad, w2.grad)):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+
+
+def test_fused_loss_upstream_grad_scales_and_frozen_weight_gets_none():
+    hidden, weight, targets = inputs(*SCALES["hard"])
+    loss_fn = surrogate(torch.randn(N, generator=torch.Generator().manual_seed(4)))
+    h = hidden.clone().requires_grad_()
+    loss, _, _ = logprobs.token_loss(h, weight, targets, loss_fn, 0.9, 8)
+    (3.0 * loss).backward()
+    assert weight.grad is None
+    h2 = hidden.clone().requires_grad_()
+    loss_fn(naive(h2, weight, targets, 0.9)[0], slice(0, N)).backward()
+    torch.testing.assert_close(h.grad, 3.0 * h2.grad, atol=1e-5 * h2.grad.abs().max().item(), rtol=1e-4)
+
+
+def test_fused_loss_in_bfloat16_is_within_bfloat16_tolerance():
+    hidden, weight, targets = inputs(*SCALES["realistic"])
+    loss_fn = surrogate(torch.randn(N, generator=torch.Generator().manual_seed(5)))
+    h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    loss, logp, _ = logprobs.token_loss(h, w, targets, loss_fn, 0.8, 16)
+    loss.backward()
+    assert logp.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
+    h2, w2 = hidden.bfloat16().float().requires_grad_(), weight.bfloat16().float().requires_grad_()
+    ref_logp, _ = naive(h2, w2, targets, 0.8)
+    loss_fn(ref_logp, slice(0, N)).backward()
+    torch.testing.assert_close(logp, ref_logp.detach(), atol=2e-2, rtol=1e-2)
+    for got, want in ((h.grad, h2.grad), (w.grad, w2.grad)):
+        torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------ the model wrapper
 
 @pytest.fixture(scope="module")
@@ -165,6 +227,48 @@ def test_completion_logprobs_match_full_logits(model, batch, temperature, chunk)
         torch.testing.assert_close(got[name], want[name], atol=1e-5 * want[name].abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("temperature, chunk", [(1.0, 1024), (0.7, 4)])
+def test_completion_loss_matches_logprobs_then_loss_tied_embeddings(model, batch, temperature, chunk):
+    completion_mask = batch[3]
+    weights = torch.randn(completion_mask.shape, generator=torch.Generator().manual_seed(6))
+    keep = completion_mask.bool()
+    loss_fn = surrogate(weights[keep])
+    loss, logp, entropy = logprobs.completion_loss(model, *batch, loss_fn, temperature, chunk)
+    got = grads(model, loss)
+    ref_logp, ref_entropy = logprobs.completion_logprobs(model, *batch, temperature, chunk)
+    want = grads(model, loss_fn(ref_logp[keep], slice(None)))
+    torch.testing.assert_close(logp, ref_logp.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy, ref_entropy.detach(), atol=1e-6, rtol=1e-6)
+    for name in PARAMS:  # embed_tokens is also the lm_head: both of its gradients arrive
+        assert want[name].abs().max() > 0, name
+        torch.testing.assert_close(got[name], want[name], atol=1e-5 * want[name].abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_prompt_pass_per_group_changes_nothing(model, batch, fused):
+    prompt_ids, prompt_mask, _, _ = batch
+    g = 3
+    gen = torch.Generator().manual_seed(7)
+    completion_ids = torch.randint(3, model.config.vocab_size, (3 * g, 5), generator=gen)
+    completion_mask = (torch.arange(5)[None] < torch.tensor([5, 1, 3, 2, 5, 4, 1, 1, 5])[:, None]).long()
+    rows = (prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0), completion_ids, completion_mask)
+    weights = torch.randn(completion_mask.shape, generator=gen)
+    keep = completion_mask.bool()
+    results = []
+    for group in (1, g):
+        if fused:
+            loss, logp, _ = logprobs.completion_loss(model, *rows, surrogate(weights[keep]), 0.9, 4, group=group)
+        else:
+            logp, entropy = logprobs.completion_logprobs(model, *rows, 0.9, 4, group=group)
+            loss = (logp * weights).sum() + entropy.sum()
+        results.append((logp.detach(), grads(model, loss)))
+    (logp_1, grads_1), (logp_g, grads_g) = results
+    torch.testing.assert_close(logp_g, logp_1, atol=1e-5, rtol=1e-5)
+    for name in PARAMS:
+        assert grads_1[name].abs().max() > 0, name
+        torch.testing.assert_close(grads_g[name], grads_1[name], atol=1e-5 * grads_1[name].abs().max().item(), rtol=1e-4)
+
+
 def test_masked_positions_are_zero_and_carry_no_gradient(model, batch):
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
     masked = completion_mask == 0
@@ -230,6 +334,12 @@ def test_no_full_vocab_tensor(model, batch):
         (logp.sum() + entropy.sum()).backward()
     assert mode.rows and max(mode.rows) <= chunk
 
+    mode = VocabTensors(model.config.vocab_size)
+    with mode:
+        loss, _, _ = logprobs.completion_loss(model, *batch, lambda lp, s: lp.sum(), 1.0, chunk)
+        loss.backward()
+    assert mode.rows and max(mode.rows) <= chunk
+
 
 def test_compiled_kernel_equals_eager():
     torch.manual_seed(0)
@@ -241,6 +351,20 @@ def test_compiled_kernel_equals_eager():
         logp, ent = logprobs.token_logprobs(h, w, targets, 0.7, chunk_size=16, compile=compile)
         (logp * up[0] + ent * up[1]).sum().backward()
         results.append((logp.detach(), ent.detach(), h.grad, w.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_fused_loss_equals_eager():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 16), torch.randn(96, 16)
+    targets, loss_fn = torch.randint(0, 96, (40,)), surrogate(torch.randn(40))
+    results = []
+    for compile in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, logp, ent = logprobs.token_loss(h, w, targets, loss_fn, 0.7, chunk_size=16, compile=compile)
+        loss.backward()
+        results.append((loss.detach(), logp, ent, h.grad, w.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 

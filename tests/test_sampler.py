@@ -167,6 +167,43 @@ def test_never_calls_generate(flat_model, enc, tokenizer, monkeypatch):
     assert ids.shape == mask.shape == (2 * len(PROMPTS), 8)
 
 
+# ------------------------------------------------------------------------------------------ static cache, compile
+
+@pytest.mark.parametrize("kw", [dict(num_samples=3, top_p=0.9), dict(num_samples=2, top_k=20, temperature=0.7),
+                                dict(greedy=True)])
+def test_static_cache_gives_the_same_samples(flat_model, peaked_model, enc, tokenizer, kw):
+    model = peaked_model if kw.get("greedy") else flat_model
+    eos = [tokenizer.eos_token_id, 5, 9]  # frequent stops: rows end at different steps
+    if kw.get("greedy"):  # stop where row 0 of the greedy trajectory is at step 3
+        eos.append(run(model, enc, tokenizer, greedy=True, max_new_tokens=4)[0][0, 3].item())
+    out = [run(model, enc, tokenizer, eos=eos, generator=torch.Generator().manual_seed(0), return_logprobs=True,
+               max_new_tokens=20, static_cache=static, **kw) for static in (False, True)]
+    dynamic, static = out
+    assert dynamic[1].sum(1).min() < dynamic[1].size(1)  # some rows stopped early
+    assert torch.equal(static[0], dynamic[0]) and torch.equal(static[1], dynamic[1])
+    torch.testing.assert_close(static[2], dynamic[2], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decode_equals_eager(flat_model, enc, tokenizer):
+    kw = dict(num_samples=2, top_p=0.9, max_new_tokens=4, return_logprobs=True)
+    eager = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), static_cache=True, **kw)
+    compiled = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), compile=True, **kw)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+    torch.testing.assert_close(compiled[2], eager[2], atol=1e-5, rtol=1e-5)
+
+
+def test_failed_compile_falls_back_to_eager(flat_model, enc, tokenizer, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(sampler.torch, "compile", lambda fn, **kw: broken)
+    monkeypatch.setattr(sampler, "_COMPILED", {})
+    monkeypatch.setattr(sampler, "_FAILED", set())
+    with pytest.warns(UserWarning, match="running eagerly"):
+        ids, _ = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), compile=True, max_new_tokens=4)
+    want, _ = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), max_new_tokens=4)
+    assert torch.equal(ids, want)
+
+
 # ------------------------------------------------------------------------------------------ next_token
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 1.5, -0.5])
@@ -276,7 +313,33 @@ def test_positions_of_left_padded_rows():
     assert pos[mask.bool()].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0]
 
 
-def test_next_token_never_draws_a_filtered_token_even_when_u_is_zero(monkeypatch):
+def test_next_token_never_draws_a_filtered_token_even_when_u_is_zero():
     logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])  # token 0 is outside the top 2
-    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.zeros(1, 1))
-    assert sampler.next_token(logits, top_k=2).item() == 1  # the first kept token in vocabulary order
+    assert sampler.next_token(logits, top_k=2, u=torch.zeros(1)).item() == 1  # the first kept token in vocabulary order
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat, moderate, peaked
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_in_nucleus_agrees_with_sorting(scale, top_p):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(16, 500, generator=g) * scale, -1)
+    draws = torch.randint(0, 500, (16, 40), generator=g)
+    draws[:, 0] = probs.argmax(-1)  # always inside
+    sorted_p, order = probs.sort(-1, descending=True)
+    head = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the mass before each sorted token is < top_p
+    want = torch.zeros_like(head).scatter(-1, order, head).gather(-1, draws)
+    got = sampler.in_nucleus(probs, draws, top_p)
+    assert torch.equal(got, want) and got[:, 0].all()
+    assert top_p > 0.5 or (~got).any()  # some draws fall outside
+
+
+def test_in_nucleus_keeps_ties_together():
+    probs = torch.softmax(torch.tensor([[3.0, 3.0, 3.0, 0.0, 0.0]]), -1)  # three tied at the top hold 0.98
+    inside = sampler.in_nucleus(probs, torch.tensor([[0, 1, 2, 3, 4]]), 0.05)
+    assert inside.tolist() == [[True, True, True, False, False]]
+
+
+def test_draws_per_row():
+    assert sampler.draws_per_row(1.0) == 1
+    assert (1 - 0.9) ** sampler.draws_per_row(0.9) < 1e-12 <= (1 - 0.9) ** (sampler.draws_per_row(0.9) - 1)
+    assert sampler.draws_per_row(1e-6) == 1024
