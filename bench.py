@@ -27,14 +27,17 @@ max_memory_allocated minus memory_allocated after setup; on CPU (Linux), the pea
 gradients the case leaves behind. Timings on CUDA synchronize around each call. Threads: torch's default.
 """
 import argparse
+import atexit
 import importlib.util
 import itertools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -105,7 +108,7 @@ def case_sampler(spec):
         model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
                        top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
-    sides = {"ours": ours, "static": lambda: ours(static_cache=True), "compiled": lambda: ours(compile=True), "hf": hf}
+    sides = {"ours": ours, "compiled": lambda: ours(compile=True), "hf": hf}
     return sides[spec["side"]], spec["batch"] * NEW_TOKENS
 
 
@@ -257,8 +260,8 @@ def step_trl(folder, questions, length, out):
 def case_step(spec):
     """(step, work): one optimizer step of a whole GRPO loop, 8 prompts x 8 completions of exactly
     spec["length"] tokens, no reference model; work is the completions per step."""
-    import tempfile
     out = tempfile.mkdtemp(prefix="nmgrpo-bench-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     questions = save_step_model(os.path.join(out, "model"), spec["model"])
     one = {"ours": step_ours, "trl": step_trl}[spec["side"]](os.path.join(out, "model"), questions, spec["length"], out)
 

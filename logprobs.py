@@ -55,6 +55,12 @@ def _run(fn, compile, *args):
     return fn(*args)
 
 
+def _compute_dtype(hidden):
+    """The lm_head matmuls' dtype: autocast's when it is on (as for any matmul), else the hidden states'."""
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
 def _logits(h, weight, out):
     """out[:C] = h @ weight.T as float32 (C, V), written into the reused buffer `out`."""
     out = out[: h.size(0)]
@@ -64,14 +70,19 @@ def _logits(h, weight, out):
 
 
 def _backprop(g, h, weight, grad_h, grad_w):
-    """Chain a chunk's logit gradient g (C, V) into grad_h (C, D) and, in place, grad_w (V, D)."""
+    """Chain a chunk's logit gradient g (C, V) into grad_h (C, D) and, in place, grad_w (V, D), with the
+    matmuls in weight's dtype."""
+    dt = weight.dtype
     if grad_h is not None:
-        torch.mm(g.to(h.dtype), weight, out=grad_h)
-    if grad_w is not None:
-        if h.dtype == torch.float32:
-            grad_w.addmm_(g.T, h)
+        if dt == grad_h.dtype == torch.float32:
+            torch.mm(g, weight, out=grad_h)
         else:
-            grad_w += (g.to(h.dtype).T @ h).float()
+            grad_h.copy_(g.to(dt) @ weight)
+    if grad_w is not None:
+        if dt == torch.float32:
+            grad_w.addmm_(g.T, h.float())
+        else:
+            grad_w += (g.to(dt).T @ h.to(dt)).float()
 
 
 def _chunks(n, chunk_size):
@@ -83,32 +94,30 @@ class ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, compile):
-        n = hidden.size(0)
-        w = weight.to(hidden.dtype)
-        h_t = hidden / temperature  # folding 1/T into h costs (N, D), not (N, V)
+        n, dt = hidden.size(0), _compute_dtype(hidden)
+        w = weight.to(dt)
         buf = torch.empty(min(chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
         logp, entropy, lse = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
-        for s in _chunks(n, chunk_size):
-            logp[s], entropy[s], lse[s] = _run(_stats_, compile, _logits(h_t[s], w, buf), targets[s])
-        ctx.save_for_backward(hidden, h_t, weight, targets, entropy, lse)
-        ctx.temperature, ctx.chunk_size, ctx.compile = temperature, chunk_size, compile
+        for s in _chunks(n, chunk_size):  # 1/T folded into h costs (C, D), not (C, V)
+            logp[s], entropy[s], lse[s] = _run(_stats_, compile, _logits((hidden[s] / temperature).to(dt), w, buf),
+                                               targets[s])
+        ctx.save_for_backward(hidden, weight, targets, entropy, lse)
+        ctx.temperature, ctx.chunk_size, ctx.compile, ctx.dtype = temperature, chunk_size, compile, dt
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, h_t, weight, targets, entropy, lse = ctx.saved_tensors
-        n, t = h_t.size(0), ctx.temperature
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None
+        hidden, weight, targets, entropy, lse = ctx.saved_tensors
+        n, t = hidden.size(0), ctx.temperature
         a = (torch.zeros_like(lse) if grad_logp is None else grad_logp.float()) / t  # 1/T: logits = h W^T / T
         b = None if grad_entropy is None else grad_entropy.float() / t
-        w = weight.to(h_t.dtype)
+        w = weight.to(ctx.dtype)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        buf = torch.empty(min(ctx.chunk_size, n), w.size(0), device=h_t.device, dtype=torch.float32)
+        buf = torch.empty(min(ctx.chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
         for s in _chunks(n, ctx.chunk_size):
-            logp_all = _logits(h_t[s], w, buf).sub_(lse[s, None])  # recomputed: (C, V)
+            logp_all = _logits((hidden[s] / t).to(ctx.dtype), w, buf).sub_(lse[s, None])  # recomputed: (C, V)
             g = _run(_grad_, ctx.compile, logp_all, targets[s], a[s], None if b is None else b[s], entropy[s])
             _backprop(g, hidden[s], w, None if grad_h is None else grad_h[s], grad_w)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
@@ -119,16 +128,15 @@ class ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, loss_fn, temperature, chunk_size, compile):
-        n = hidden.size(0)
-        w = weight.to(hidden.dtype)
-        h_t = hidden / temperature
+        n, dt = hidden.size(0), _compute_dtype(hidden)
+        w = weight.to(dt)
         buf = torch.empty(min(chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
         logp, entropy = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(2))
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for s in _chunks(n, chunk_size):
-            logits = _logits(h_t[s], w, buf)
+            logits = _logits((hidden[s] / temperature).to(dt), w, buf)
             logp[s], entropy[s], _ = _run(_stats_, compile, logits, targets[s])  # logits is now log-softmax
             with torch.enable_grad():
                 lp = logp[s].detach().requires_grad_()
@@ -143,9 +151,7 @@ class ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _logp, _entropy):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), None, None, None, None, None
+        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors) + (None,) * 5
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, compile=False):
@@ -181,10 +187,12 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
         cache = DynamicCache()
         last = model.base_model(input_ids=prompt_ids[::group], attention_mask=prompt_mask[::group],
                                 position_ids=pos[::group, :p], cache=cache, use_cache=True).last_hidden_state[:, -1:]
-        cache.batch_repeat_interleave(group)
-        rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
-                                position_ids=pos[:, p:-1], cache=cache, use_cache=True).last_hidden_state
-        hidden = torch.cat([last.repeat_interleave(group, 0), rest], dim=1)  # (B, T, D)
+        hidden = last.repeat_interleave(group, 0)  # (B, 1, D): the state before the first completion token
+        if completion_ids.size(1) > 1:
+            cache.batch_repeat_interleave(group)
+            rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                                    position_ids=pos[:, p:-1], cache=cache, use_cache=True).last_hidden_state
+            hidden = torch.cat([hidden, rest], dim=1)  # (B, T, D)
     keep = completion_mask.bool()  # (B, T)
     return hidden[keep], completion_ids[keep], keep
 

@@ -2,9 +2,9 @@
 
 The left-padded prompts are prefilled once; their cache is repeated for the G samples of each
 prompt; then one token per step for all rows, each row stopping at EOS or max_new_tokens.
-Noise comes from a generator the caller seeds (seed, step, rank), drawn once for the whole call;
-each uniform becomes a token by inverse-CDF, so runs reproduce and no two rows share noise. Top-p
-needs no sort of the vocabulary: draws from the whole law are kept only inside the nucleus.
+Noise comes from a generator the caller seeds (seed, step, rank), a few uniforms per row per step;
+each becomes a token by inverse-CDF, so runs reproduce and no two rows share noise. Top-p needs no
+sort of the vocabulary: draws from the whole law are kept only inside the nucleus.
 """
 import math
 import warnings
@@ -25,13 +25,15 @@ def positions(attention_mask):
 
 def draws_per_row(top_p):
     """Proposals per row for top-p: each lands in the nucleus with probability >= top_p, so all of them
-    miss with probability < 1e-12 (for top_p >= 0.03; 1024 at most)."""
+    miss with probability < 1e-12. At most 1024: below top_p 0.03 a miss (then the argmax) gets
+    likelier, 3e-5 at top_p 0.01."""
     return 1 if top_p >= 1.0 else min(1024, math.ceil(math.log(1e-12) / math.log1p(-top_p)))
 
 
 def in_nucleus(probs, draws, top_p):
-    """(N, K) bool: whether each drawn token (N, K) is in its row's top-p nucleus, the smallest head of the
-    sorted law whose mass reaches top_p: the tokens more probable than it hold less than top_p.
+    """(N, K) bool: whether each drawn token (N, K) is in its row's top-p nucleus: the tokens more
+    probable than it hold less than top_p. That is the smallest head of the sorted law whose mass
+    reaches top_p, except that tokens tied at its edge are all kept.
 
     No sort of the vocabulary: a bisection over the K drawn probabilities, each probe one masked sum.
     """
@@ -42,6 +44,7 @@ def in_nucleus(probs, draws, top_p):
     for _ in range(k.bit_length()):
         mid = (lo + hi) // 2
         b = bounds.gather(-1, mid.clamp(max=k - 1))  # (N, 1)
+        # the mass of the tokens above b, (N, 1); faster on CPU than torch.where(probs > b, probs, 0).sum(-1)
         above = torch.relu(probs - b).sum(-1, keepdim=True) + b * (probs > b).sum(-1, keepdim=True)
         inside, active = above < top_p, lo < hi
         lo, hi = torch.where(active & ~inside, mid + 1, lo), torch.where(active & inside, mid, hi)
@@ -52,8 +55,9 @@ def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gree
     """One token per row from last-position logits (N, V): argmax, or a filtered sample.
 
     The noise is `u` (N, draws_per_row(top_p)), or drawn from `generator`: each uniform gives a token of
-    the (top-k filtered) law by inverse-CDF, and the first draw inside the top-p nucleus is the sample
-    (rejection sampling: exactly the renormalised nucleus; the argmax if every draw missed).
+    the (top-k filtered) law by inverse-CDF, and the first draw inside the top-p nucleus (see
+    in_nucleus) is the sample: rejection sampling, so exactly the renormalised nucleus, or the argmax
+    if every draw missed (see draws_per_row).
     """
     if greedy:
         return logits.argmax(-1)
@@ -94,7 +98,7 @@ def _compiled_decode():
     if _decode in _FAILED:
         return None
     if _decode not in _COMPILED:
-        _COMPILED[_decode] = torch.compile(_decode, dynamic=False)
+        _COMPILED[_decode] = torch.compile(_decode, dynamic=False, fullgraph=True)  # fails whole or runs whole
     return _COMPILED[_decode]
 
 
@@ -120,13 +124,12 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
 
     static_cache preallocates the keys/values (no per-step concatenation); compile (implies
     static_cache) runs each fixed-shape decode step torch.compile'd, eagerly if compiling fails.
-    The tokens do not depend on either.
+    Neither changes the law; the tokens agree up to rounding in the compiled kernels.
     """
     dev = input_ids.device
     eos = torch.as_tensor(eos_token_id, device=dev).flatten()  # one or several stop ids
     b, p = input_ids.shape
     n = b * num_samples
-    u = torch.rand(max_new_tokens, n, draws_per_row(top_p), generator=generator, device=dev)  # all the noise, once
     prefill = DynamicCache()
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                    cache=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V); fills `prefill`
@@ -144,7 +147,12 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
     logps = torch.zeros((n, max_new_tokens), device=dev) if return_logprobs else None
     done = torch.zeros(n, dtype=torch.bool, device=dev)
-    token, logp = _choose(logits, u[0], temperature, top_p, top_k, greedy, return_logprobs)
+    k = draws_per_row(top_p)
+
+    def noise():  # (N, K) uniforms for one step; greedy needs none
+        return None if greedy else torch.rand(n, k, generator=generator, device=dev)
+
+    token, logp = _choose(logits, noise(), temperature, top_p, top_k, greedy, return_logprobs)
     for t in range(max_new_tokens):
         tokens[:, t] = token.masked_fill(done, pad_token_id)
         if return_logprobs:
@@ -157,7 +165,7 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
         else:
             attention_mask[:, p + t] = 1  # the position `token` is written to
         pos = pos + 1
-        args = (model, token, attention_mask, pos, cache, u[t + 1], temperature, top_p, top_k, greedy, return_logprobs)
+        args = (model, token, attention_mask, pos, cache, noise(), temperature, top_p, top_k, greedy, return_logprobs)
         if step is not None:
             try:
                 token, logp = step(*args)

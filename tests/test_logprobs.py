@@ -160,6 +160,29 @@ def test_fused_loss_in_bfloat16_is_within_bfloat16_tolerance():
         torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_autocast_runs_the_lm_head_matmuls_in_its_dtype(fused):
+    hidden, weight, targets = inputs(*SCALES["realistic"])
+    loss_fn = surrogate(torch.randn(N, generator=torch.Generator().manual_seed(8)))
+    results = []
+    for amp in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            if fused:
+                loss, logp, _ = logprobs.token_loss(h, w, targets, loss_fn, 0.8, 16)
+            else:
+                logp, _ = logprobs.token_logprobs(h, w, targets, 0.8, 16)
+                loss = loss_fn(logp, slice(0, N))
+        loss.backward()
+        results.append((logp.detach(), h.grad, w.grad))
+    (lp32, gh32, gw32), (lp16, gh16, gw16) = results
+    assert lp16.dtype == torch.float32 and gh16.dtype == gw16.dtype == torch.float32
+    assert not torch.equal(lp16, lp32)  # bf16 matmuls, as autocast asks
+    torch.testing.assert_close(lp16, lp32, atol=2e-2, rtol=1e-2)
+    for got, want in ((gh16, gh32), (gw16, gw32)):
+        torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------ the model wrapper
 
 @pytest.fixture(scope="module")
@@ -245,12 +268,14 @@ def test_completion_loss_matches_logprobs_then_loss_tied_embeddings(model, batch
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_one_prompt_pass_per_group_changes_nothing(model, batch, fused):
+@pytest.mark.parametrize("length", [5, 1])
+def test_one_prompt_pass_per_group_changes_nothing(model, batch, fused, length):
     prompt_ids, prompt_mask, _, _ = batch
     g = 3
     gen = torch.Generator().manual_seed(7)
-    completion_ids = torch.randint(3, model.config.vocab_size, (3 * g, 5), generator=gen)
-    completion_mask = (torch.arange(5)[None] < torch.tensor([5, 1, 3, 2, 5, 4, 1, 1, 5])[:, None]).long()
+    completion_ids = torch.randint(3, model.config.vocab_size, (3 * g, length), generator=gen)
+    lengths = torch.tensor([5, 1, 3, 2, 5, 4, 1, 1, 5]).clamp(max=length)
+    completion_mask = (torch.arange(length)[None] < lengths[:, None]).long()
     rows = (prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0), completion_ids, completion_mask)
     weights = torch.randn(completion_mask.shape, generator=gen)
     keep = completion_mask.bool()

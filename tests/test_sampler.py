@@ -343,3 +343,9 @@ def test_draws_per_row():
     assert sampler.draws_per_row(1.0) == 1
     assert (1 - 0.9) ** sampler.draws_per_row(0.9) < 1e-12 <= (1 - 0.9) ** (sampler.draws_per_row(0.9) - 1)
     assert sampler.draws_per_row(1e-6) == 1024
+
+
+def test_greedy_draws_no_noise(peaked_model, enc, tokenizer):
+    state = torch.random.get_rng_state()
+    run(peaked_model, enc, tokenizer, greedy=True, num_samples=2, top_p=0.9)
+    assert torch.equal(torch.random.get_rng_state(), state)
