@@ -42,16 +42,26 @@ from fractions import Fraction
 from typing import Callable, NamedTuple
 
 REWARDS = {}  # name -> reward function
-CHECKS = {}  # name -> function(**params) that raises ValueError on bad params
-ALIASES = {}  # another name -> registered name
+CHECKS = {}  # name -> function(**params) that raises ValueError on bad params (or a missing extra or model)
+BATCHED = {}  # name -> function(texts, references, rows, **params) -> list of floats
+INFO = {}  # name -> (low, high, extra): the range of its values and the pip extra it needs (or None)
+ALIASES = {"math": "math_reasoning", "code": "code_quality"}  # another name -> registered name
 
 
-def register(name, check=None):
-    """Decorator: add a reward function to REWARDS under `name`."""
+def register(name, check=None, batch=None, low=0.0, high=1.0, extra=None):
+    """
+    Decorator: add a reward function to REWARDS under `name`. `check(**params)` raises ValueError on bad
+    params, or on a missing extra or model, so that resolve() stops before training; `batch(texts,
+    references, rows, **params)` scores a whole batch at once (rows: one dict of columns per text);
+    [low, high] is the range of its values and `extra` the pip install line it needs, for `list`.
+    """
     def deco(fn):
         REWARDS[name] = fn
+        INFO[name] = (low, high, extra)
         if check is not None:
             CHECKS[name] = check
+        if batch is not None:
+            BATCHED[name] = batch
         return fn
     return deco
 
@@ -346,10 +356,12 @@ def _as_list(x):
     return [x] if isinstance(x, (str, Mapping)) or callable(x) else list(x)
 
 
-def resolve(rewards=None, reward_functions=None, reward_function_weights=None):
+def resolve(rewards=None, reward_functions=None, reward_function_weights=None, device=None):
     """
     The configured rewards as a list of Reward, from either config form (see the module doc).
-    Names, weights and params are checked here; any problem is a ValueError saying what to fix.
+    Names, weights and params are checked here, and the extras and models they need are loaded;
+    any problem is a ValueError saying what to fix. A registered reward with a `device` param
+    (a model's) runs on `device` unless its params name one.
     """
     if rewards and (reward_functions or reward_function_weights):
         raise ValueError("both rewards and reward_functions/reward_function_weights are set; they are two "
@@ -371,6 +383,8 @@ def resolve(rewards=None, reward_functions=None, reward_function_weights=None):
     out, seen = [], set()
     for kind, weight, params, label in entries:
         fn, name, registered = _lookup(kind)
+        if registered and device is not None and "device" in _params(fn) and "device" not in params:
+            params["device"] = str(device)
         if not _is_number(weight):
             raise ValueError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
         _check_params(name, fn, params, registered)
@@ -385,12 +399,42 @@ def resolve(rewards=None, reward_functions=None, reward_function_weights=None):
     return out
 
 
+def _columns(fn, row, params):
+    """The row's columns that reach fn as kwargs: never text/reference, nor a registered reward's params."""
+    names = _keywords(fn)
+    return {k: v for k, v in (row or {}).items()
+            if k not in ("text", "reference") and k not in params and (names is None or k in names)}
+
+
+def _values(r, texts, references, rows):
+    """Raw values of one reward over a batch: its batched path when it has one, else one call per text."""
+    name = next((n for n, f in REWARDS.items() if f is r.fn), None)
+    params = _params(r.fn) if name else set()  # a registered reward's params come from the config alone
+    kws = [_columns(r.fn, row, params | set(r.params)) for row in rows]
+    if name in BATCHED:
+        try:
+            values = list(BATCHED[name](texts, references, kws, **r.params))
+        except Exception as e:
+            raise RuntimeError(f"reward {r.name!r} failed on a batch of {len(texts)}: {type(e).__name__}: {e}") from e
+        if len(values) != len(texts):
+            raise ValueError(f"reward {r.name!r} returned {len(values)} values for {len(texts)} completions")
+        return values
+    values = []
+    for i, (text, ref, kw) in enumerate(zip(texts, references, kws)):
+        try:
+            values.append(r.fn(text, ref, **{**kw, **r.params}))
+        except Exception as e:
+            raise RuntimeError(f"reward {r.name!r} failed on completion {i}: {type(e).__name__}: {e}") from e
+    return values
+
+
 def score(rewards, texts, references, rows=None):
     """
     Run resolved rewards over N completions. `references` has N items (None allowed); `rows` is
     N dicts (or None) of the other dataset columns, passed as kwargs (a reward without **kwargs gets only the
-    ones it names; "text" and "reference" are never passed). Returns (total, columns): the weighted
-    sum per completion and, per reward name in order, its unweighted values.
+    ones it names; "text" and "reference" are never passed). Rewards with a batched path score the
+    whole batch in one call. Returns (total, columns): the weighted sum per completion and, per reward
+    name in order, its unweighted values.
     """
     n = len(texts)
     if len(references) != n or rows is not None and len(rows) != n:
@@ -401,17 +445,8 @@ def score(rewards, texts, references, rows=None):
     rows = rows if rows is not None else [None] * n
     total, columns = [0.0] * n, {}
     for r in rewards:
-        names, col = _keywords(r.fn), []
-        # a registered reward's named params come from the config alone, never from a same-named column
-        params = _params(r.fn) if any(f is r.fn for f in REWARDS.values()) else set()
-        for i, (text, ref, row) in enumerate(zip(texts, references, rows)):
-            kw = {k: v for k, v in (row or {}).items()
-                  if k not in ("text", "reference") and k not in params and (names is None or k in names)}
-            kw.update(r.params)
-            try:
-                v = r.fn(text, ref, **kw)
-            except Exception as e:
-                raise RuntimeError(f"reward {r.name!r} failed on completion {i}: {type(e).__name__}: {e}") from e
+        col = []
+        for i, v in enumerate(_values(r, texts, references, rows)):
             try:
                 v = float(v)
             except (TypeError, ValueError):

@@ -114,7 +114,8 @@ def setup(cfg):
         raise ValueError(f"output_dir={cfg.output_dir!r} holds an earlier run: continue it with --resume=latest, "
                          "or give a new output_dir")
     reward_fns = rewards_lib.resolve(cfg.rewards, cfg.reward_functions or
-                                     (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights)
+                                     (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights,
+                                     device=device)
     model, tokenizer = load_model(cfg.model_name, device, cfg)
     context = getattr(model.config, "max_position_embeddings", None)
     prompt_cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
