@@ -273,6 +273,30 @@ def length(text, reference=None, min_length=None, max_length=None, target_length
 
 
 # -----------------------------------------------------------------------------
+# text heuristics: deterministic, word-boundary matches
+
+# (text heuristics go here)
+
+
+# -----------------------------------------------------------------------------
+# reference metrics: bleu, rouge, meteor
+
+# (reference metrics go here)
+
+
+# -----------------------------------------------------------------------------
+# model rewards: bertscore, semantic_similarity, safety, toxicity
+
+# (model rewards go here)
+
+
+# -----------------------------------------------------------------------------
+# code rewards: syntax, quality, completeness; execution in a sandboxed process
+
+# (code rewards go here)
+
+
+# -----------------------------------------------------------------------------
 # configuration and scoring
 
 
