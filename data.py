@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import random
+import re
 
 import torch
 from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset, load_from_disk
@@ -37,9 +38,31 @@ def extract_boxed(text):
     return None
 
 
+_CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\s*\(")
+_NOT_THE_FUNCTION = {"set", "sorted", "list", "tuple", "dict", "abs", "round", "len", "str", "int", "float", "sum",
+                     "max", "min", "all", "any", "isinstance", "frozenset", "bool", "math", "not"}
+
+
+def mbpp_function(test):
+    """The function an MBPP assert tests: its first called name that is not a builtin ('assert f(1) == 2' -> 'f')."""
+    return next((m[1] for m in _CALL.finditer(test) if m[1] not in _NOT_THE_FUNCTION), None)
+
+
+def mbpp_row(row):
+    """An MBPP row ("full" or "sanitized" config) with a prompt naming the function and showing its first test."""
+    row = dict(row)
+    task, tests = row.pop("text", None) or row.get("prompt"), list(row.get("test_list") or [])
+    name = mbpp_function(tests[0]) if tests else None
+    row["prompt"] = (f"{task.strip()}\n"
+                     + (f"Write a Python function named `{name}`. Your code should pass this test:\n{tests[0]}\n"
+                        if name else "")
+                     + "Give the complete code in one ```python code block.")
+    return row
+
+
 GSM8K = {"config_name": "main", "columns": {"question": "prompt", "answer": "reference"},
          "extract": {"answer": extract_gsm8k}}
-MBPP = {"columns": {"text": "prompt", "code": "reference"}}  # the "full" config; test_list etc. are kept
+MBPP = {"row": mbpp_row, "columns": {"prompt": "prompt", "code": "reference"}}  # test_list etc. reach the rewards
 MATH = {"columns": {"problem": "prompt", "solution": "reference"}, "extract": {"solution": extract_boxed}}
 PRESETS = {"gsm8k": GSM8K, "toy": GSM8K, "mbpp": MBPP, "math": MATH, "competition_math": MATH,
            "hendrycks_math": MATH}
@@ -187,19 +210,23 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
 
     source: a Hub name, a .json/.jsonl/.csv/.parquet file (one "train" split), a folder (save_to_disk
     or data files), a list of dicts, or "toy" (toy_task of max_samples or 2000 rows, seeded by `seed`).
-    Presets (preset_for) give Hub names and "toy" their config_name, column mapping and reference
-    extraction; a user column_mapping ({source column: "prompt" | "reference" | new name}) replaces
+    Presets (preset_for) give Hub names, "toy" and local folders named like a preset ("mbpp/") their
+    config_name, row builder (MBPP's prompt), column mapping and reference extraction; a user column_mapping ({source column: "prompt" | "reference" | new name}) replaces
     the preset's mapping. Unmapped roles are auto-detected from PROMPT_ALIASES / REFERENCE_ALIASES.
     max_samples keeps the first n rows of `split`, before eval carving. eval comes from eval_split
     (capped to eval_size rows when > 0) or, failing that, eval_size rows carved off train by a seeded
     shuffle. Train never shares a prompt with eval: overlapping train rows are dropped and logged.
     """
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
-    preset = (preset_for(source) if isinstance(source, str) and not os.path.exists(source) else None) or {}
+    preset = {}
+    if isinstance(source, str) and (not os.path.exists(source) or os.path.isdir(source)):
+        preset = preset_for(os.path.basename(os.path.normpath(source))) or {}
     config_name = config_name or preset.get("config_name")
     mapping = column_mapping or preset.get("columns")
     extract = preset.get("extract", {})
-    fn = _resolve_fn(processing_fn)
+    user_fn = _resolve_fn(processing_fn)
+    row_fn = preset.get("row") if column_mapping is None else None  # a preset's row builder goes with its mapping
+    fn = (lambda r: user_fn(row_fn(r))) if row_fn and user_fn else row_fn or user_fn
 
     def examples(split_, cap):
         table = _load(source, config_name, split_, seed, max_samples)

@@ -204,3 +204,33 @@ def test_toy_task_deterministic_and_correct():
     assert len({r["question"] for r in rows}) > 200
     with pytest.raises(ValueError, match="ops"):
         data.toy_task(1, ops="/")
+
+
+MBPP_ROWS = [
+    {"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given character from the string.",
+     "code": "def remove_Occ(s,ch):\n    s = s.replace(ch, '', 1)\n    i = s.rfind(ch)\n    return s[:i] + s[i+1:] if i >= 0 else s",
+     "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"'],
+     "test_setup_code": "", "challenge_test_list": []},
+    {"task_id": 14, "text": "Write a python function to find the volume of a triangular prism.",
+     "code": "def find_Volume(l,b,h):\n    return (l * b * h) / 2",
+     "test_list": ["assert math.isclose(find_Volume(10,8,6), 240)", "assert find_Volume(3,2,2) == 6"],
+     "test_setup_code": "import math", "challenge_test_list": []},
+]
+
+
+def test_mbpp_preset_names_the_function_and_keeps_the_tests(tmp_path):
+    folder = tmp_path / "mbpp"  # a local copy under the dataset's name gets its preset
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in MBPP_ROWS)
+    train, _ = data.load_examples(str(folder))
+    assert [ex["reference"] for ex in train] == [r["code"] for r in MBPP_ROWS]
+    assert "`remove_Occ`" in train[0]["prompt"] and 'assert remove_Occ("hello","l") == "heo"' in train[0]["prompt"]
+    assert "`find_Volume`" in train[1]["prompt"]  # math.isclose is not the function
+    assert train[1]["test_list"] == MBPP_ROWS[1]["test_list"] and train[1]["test_setup_code"] == "import math"
+    assert "text" not in train[0]
+    assert data.mbpp_function("assert set(similar_elements((3, 4), (5, 4))) == set((4,))") == "similar_elements"
+    assert data.mbpp_function("assert not is_not_prime(2)") == "is_not_prime"
+    # a user mapping replaces the preset, row builder included
+    train, _ = data.load_examples(str(folder), column_mapping={"text": "prompt", "code": "reference"})
+    assert train[0]["prompt"] == MBPP_ROWS[0]["text"]
