@@ -1049,8 +1049,8 @@ def _lookup(kind):
         raise ValueError(f"a reward is a name, 'custom' or a callable, got {kind!r}")
     name = ALIASES.get(kind, kind)
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {kind!r}{_did_you_mean(kind, [*REWARDS, *ALIASES])}; "
-                         f"known rewards: {', '.join(sorted(REWARDS))}")
+        raise ValueError(f"unknown reward {kind!r}{_did_you_mean(kind, [*REWARDS, *ALIASES, 'custom'])}; "
+                         "`python rewards.py list` shows the catalogue")
     return REWARDS[name], name, True
 
 
