@@ -33,10 +33,12 @@ so that resolve() rejects bad params before training starts.
 
 import bisect
 import difflib
+import functools
 import inspect
 import math
 import numbers
 import re
+import threading
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import Callable, NamedTuple
@@ -206,34 +208,196 @@ def _value(x, is_reference):
     return _answer(x)
 
 
-def math_equal(pred, ref, tolerance=1e-6):
-    """
-    True when the answer in `pred` equals the one in `ref` within `tolerance` (relative and
-    absolute, like math.isclose). `pred` is read with extract_answer. `ref` may be a number, a
-    number string ("72", "3/4", "\\frac{1}{2}"), or a raw solution with a "####" or \\boxed marker;
-    a reference that is neither ("\\sqrt{2}") matches nothing.
-    """
-    a, b = _value(pred, False), _value(ref, True)
-    if a is None or b is None:
-        return False
+def _close(a, b, tolerance):
     tol = Fraction(tolerance)
     return abs(a - b) <= max(tol * max(abs(a), abs(b)), tol)
+
+
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n|,\s+(?=[a-z]{2,}\b)")  # ". ", a line break, or ", since ..."
+_WRAPPED = re.compile(r"\$+([^$]+)\$+|\\\((.+)\\\)|\\\[(.+)\\\]|\*\*(.+)\*\*", re.DOTALL)  # $x$, \(x\), \[x\], **x**
+
+
+def _unwrap(s):
+    while m := _WRAPPED.fullmatch(s):
+        s = next(g for g in m.groups() if g is not None).strip()
+    return s
+
+
+def _final(text):
+    """
+    The final answer of text as a string, by the markers of extract_answer, or None without one: what
+    follows the last "####" (its own marked answer, else its first line); else the content of the last
+    \\boxed{...}; else what follows the last "the answer is" / "answer:" up to the end of its sentence.
+    Math delimiters around it ($...$, \\(...\\), **...**) are dropped.
+    """
+    if "####" in text:
+        rest = text[text.rfind("####") + 4:]
+        return _final(rest) or _unwrap(rest.strip().split("\n", 1)[0].strip()) or None
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _unwrap(boxed.strip())
+    marks = list(_ANSWER_IS.finditer(text))
+    if not marks:
+        return None
+    rest = text[marks[-1].end():].lstrip(" \t\n:")
+    end = _SENTENCE_END.search(rest)
+    return _unwrap(rest[:end.start() if end else len(rest)].strip()) or None
+
+
+# math-verify (optional) compares symbolic answers. Its timeouts use signal.alarm, which works only in
+# the main thread: elsewhere its parse and verify raise ValueError unless their timeouts are None, so
+# there they run without a time limit (and math-verify logs once that none is set).
+_BACKENDS = ("auto", "math_verify", "numeric")
+_MV_TIMEOUT = 5  # seconds per parse or comparison, in the main thread
+
+
+@functools.cache
+def _math_verify():
+    """The math_verify module, imported on first use, or None when it is not installed."""
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    return math_verify
+
+
+def _backend(backend, who):
+    """The backend that runs, "math_verify" or "numeric" ("auto": math_verify when it is installed)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"{who}: backend must be one of {_BACKENDS}, got {backend!r}"
+                         f"{_did_you_mean(backend, _BACKENDS)}")
+    if backend == "numeric" or backend == "auto" and _math_verify() is None:
+        return "numeric"
+    if _math_verify() is None:
+        raise ValueError(f"{who}: backend='math_verify' needs math-verify: pip install math-verify")
+    return "math_verify"
+
+
+def _timeout():
+    """math-verify's time limit: none off the main thread, where its signal-based one cannot run."""
+    return _MV_TIMEOUT if threading.current_thread() is threading.main_thread() else None
+
+
+def _mv_parse(text):
+    """math-verify's parse of text: the last \\boxed{} first, else its answer phrases, else its last expression."""
+    mv = _math_verify()
+    return mv.parse(text, [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()],
+                    extraction_mode="first_match", parsing_timeout=_timeout())
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_answer(answer):
+    """math-verify's parse of one answer string ("\\frac{1}{2}", "[1, 3)"), read as the content of a \\boxed{}."""
+    return tuple(_mv_parse("\\boxed{" + answer + "}"))
+
+
+def _verify(pred, ref, tolerance):
+    """math_equal by math-verify, or by the numbers when both final answers are plain numbers."""
+    if not isinstance(pred, str) or not (_is_number(ref) or isinstance(ref, str)):
+        return False
+    gold = str(ref) if _is_number(ref) else _final(ref) or _unwrap(ref.strip())
+    answer = _final(pred)
+    b = Fraction(ref) if _is_number(ref) else _whole(gold)
+    if b is not None and answer is not None and (a := _whole(answer)) is not None:
+        return _close(a, b, tolerance)
+    gold_parsed = _parse_answer(gold)
+    if not gold_parsed:
+        return False
+    pred_parsed = _mv_parse(pred) if answer is None else _parse_answer(answer)  # no marker: math-verify's search
+    return bool(pred_parsed) and _math_verify().verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_timeout())
+
+
+def math_equal(pred, ref, tolerance=1e-6, backend="auto"):
+    """
+    True when the answer in `pred` equals the one in `ref`. `ref` may be a number, a bare answer
+    ("72", "3/4", "\\frac{1}{2}", "[1, 3)"), or a raw solution with a "####" or \\boxed marker.
+    backend="numeric": both answers are read as numbers (`pred` with extract_answer) and compared
+    within `tolerance` (relative and absolute, like math.isclose); a reference that is no number
+    ("\\sqrt{2}") matches nothing. backend="math_verify": the final answers (after "####", in the last
+    \\boxed{}, or after "the answer is"; else math-verify's own search of `pred`) are compared
+    symbolically by math-verify (2\\sqrt{2} = \\sqrt{8}, intervals, sets, tuples, x = 3 vs 3), except
+    that two plain numbers are compared as by "numeric" (a % sign is dropped: 25% equals 25).
+    backend="auto": math_verify when math-verify is installed, else numeric.
+    """
+    if _backend(backend, "math_equal") == "math_verify":
+        return _verify(pred, ref, tolerance)
+    a, b = _value(pred, False), _value(ref, True)
+    return a is not None and b is not None and _close(a, b, tolerance)
 
 
 # -----------------------------------------------------------------------------
 # rewards
 
 
-def _check_math(tolerance=1e-6):
+def _check_math(tolerance=1e-6, backend="auto", reward="math_correctness"):
     if not _is_number(tolerance) or tolerance < 0:
-        raise ValueError(f"math_correctness: tolerance must be a number >= 0, got {tolerance!r}")
+        raise ValueError(f"{reward}: tolerance must be a number >= 0, got {tolerance!r}")
+    _backend(backend, reward)
 
 
 @register("math_correctness", check=_check_math)
-def math_correctness(text, reference=None, tolerance=1e-6, **kwargs):
-    """1.0 if the final answer in text equals the reference (see math_equal), else 0.0; 0.0 without a reference."""
-    _check_math(tolerance)
-    return float(math_equal(text, reference, tolerance))
+def math_correctness(text, reference=None, tolerance=1e-6, backend="auto", **kwargs):
+    """
+    1.0 if the final answer in text equals the reference, else 0.0; 0.0 without a reference.
+    See math_equal: tolerance applies to plain numbers; backend is "auto" (math-verify for symbolic
+    answers when installed: pip install math-verify), "math_verify" (required) or "numeric".
+    """
+    _check_math(tolerance, backend)
+    return float(math_equal(text, reference, tolerance, backend))
+
+
+_STEP_WORDS = re.compile(r"\b(?:first|second|third|then|next|so|therefore|thus|hence|because|since|finally|"
+                         r"step\s*\d+)\b", re.IGNORECASE)
+_EQUATION = re.compile(r"[\w)\]}]\s*=\s*[-+(\[{\\$\w.]")  # "48/2 = 24", "x + 3 = 5", "\frac{1}{2} = 0.5"
+_SEGMENT = re.compile(r"\n|\.\s")  # lines and sentences
+
+
+def _reasoning(text):
+    """Shown work: distinct steps with an equation (3 or more: full) and distinct step words (2 or more: full)."""
+    equations = {s.strip() for s in _SEGMENT.split(text) if _EQUATION.search(s)}
+    words = {re.sub(r"\s+", " ", w.lower()) for w in _STEP_WORDS.findall(text)}
+    return (min(len(equations), 3) / 3 + min(len(words), 2) / 2) / 2
+
+
+def _layout(text):
+    """A marked final answer (####, \\boxed, "the answer is"), and the share of its lines that are distinct."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    distinct = len(set(lines)) / len(lines) if lines else 0.0
+    return ((_final(text) is not None) + distinct) / 2
+
+
+def _check_reasoning(tolerance=1e-6, backend="auto", check_correctness=True, check_reasoning=True, check_format=True):
+    _check_math(tolerance, backend, "math_reasoning")
+    flags = dict(check_correctness=check_correctness, check_reasoning=check_reasoning, check_format=check_format)
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"math_reasoning: {k} must be True or False, got {v!r}")
+    if not any(flags.values()):
+        raise ValueError("math_reasoning: check_correctness, check_reasoning and check_format are all False; "
+                         "nothing to score")
+
+
+@register("math_reasoning", check=_check_reasoning)
+def math_reasoning(text, reference=None, tolerance=1e-6, backend="auto", check_correctness=True,
+                   check_reasoning=True, check_format=True, **kwargs):
+    """
+    A correct final answer reached by shown work (equations, step words, a marked answer), in [0, 1].
+    structure is the mean of the enabled parts. reasoning (check_reasoning): (min(E, 3) / 3 + min(S, 2)
+    / 2) / 2, E the distinct lines or sentences holding an equation ("48/2 = 24"), S the distinct step
+    words (first, then, so, therefore, since, step 1, ... on word boundaries). format (check_format):
+    (1 if the final answer is marked with ####, \\boxed or "the answer is", else 0, plus the share of
+    distinct non-empty lines) / 2. With a reference and check_correctness: correct * (1 + structure) / 2,
+    so a correct answer scores 0.5 to 1 by its shown work and a wrong one 0 (AlignTune averages the
+    three, which pays a wrong answer for its steps); correct is math_correctness with tolerance and
+    backend. Without a reference, or with check_correctness=False: structure alone.
+    """
+    _check_reasoning(tolerance, backend, check_correctness, check_reasoning, check_format)
+    parts = [f(text) for f, on in ((_reasoning, check_reasoning), (_layout, check_format)) if on]
+    structure = sum(parts) / len(parts) if parts else 0.0
+    if reference is None or not check_correctness:
+        return structure
+    correct = float(math_equal(text, reference, tolerance, backend))
+    return correct * (1 + structure) / 2 if parts else correct
 
 
 _LENGTH_UNITS = ("words", "chars")
