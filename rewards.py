@@ -213,7 +213,7 @@ def _close(a, b, tolerance):
     return abs(a - b) <= max(tol * max(abs(a), abs(b)), tol)
 
 
-_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n|,\s+(?=[a-z]{2,}\b)")  # ". ", a line break, or ", since ..."
+_ANSWER_END = re.compile(r"\.(?=\s|$)|\n|,\s+(?=[a-z]{2,}\b)")  # ". ", a line break, or ", since ..."
 _WRAPPED = re.compile(r"\$+([^$]+)\$+|\\\((.+)\\\)|\\\[(.+)\\\]|\*\*(.+)\*\*", re.DOTALL)  # $x$, \(x\), \[x\], **x**
 
 
@@ -240,7 +240,7 @@ def _final(text):
     if not marks:
         return None
     rest = text[marks[-1].end():].lstrip(" \t\n:")
-    end = _SENTENCE_END.search(rest)
+    end = _ANSWER_END.search(rest)
     return _unwrap(rest[:end.start() if end else len(rest)].strip()) or None
 
 
