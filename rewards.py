@@ -335,9 +335,10 @@ def _check_math(tolerance=1e-6, backend="auto", reward="math_correctness"):
     _backend(backend, reward)
 
 
-@register("math_correctness", check=_check_math)
+@register("math_correctness", check=_check_math, extra="optional: math-verify")
 def math_correctness(text, reference=None, tolerance=1e-6, backend="auto", **kwargs):
-    """
+    """1.0 when the final answer equals the reference (symbolically with math-verify), else 0.0.
+
     1.0 if the final answer in text equals the reference, else 0.0; 0.0 without a reference.
     See math_equal: tolerance applies to plain numbers; backend is "auto" (math-verify for symbolic
     answers when installed: pip install math-verify), "math_verify" (required) or "numeric".
@@ -377,10 +378,11 @@ def _check_reasoning(tolerance=1e-6, backend="auto", check_correctness=True, che
                          "nothing to score")
 
 
-@register("math_reasoning", check=_check_reasoning)
+@register("math_reasoning", check=_check_reasoning, extra="optional: math-verify")
 def math_reasoning(text, reference=None, tolerance=1e-6, backend="auto", check_correctness=True,
                    check_reasoning=True, check_format=True, **kwargs):
-    """
+    """A correct final answer reached by shown work: equations, step words, a marked answer.
+
     A correct final answer reached by shown work (equations, step words, a marked answer), in [0, 1].
     structure is the mean of the enabled parts. reasoning (check_reasoning): (min(E, 3) / 3 + min(S, 2)
     / 2) / 2, E the distinct lines or sentences holding an equation ("48/2 = 24"), S the distinct step
@@ -1255,9 +1257,10 @@ def _bertscore_batch(texts, references, rows, model_name="roberta-large", num_la
     return out
 
 
-@register("bertscore", check=_probe("bertscore", _bertscore_batch), batch=_bertscore_batch)
+@register("bertscore", check=_probe("bertscore", _bertscore_batch), batch=_bertscore_batch, extra="model roberta-large")
 def bertscore(text, reference=None, model_name="roberta-large", num_layers=None, batch_size=32, device=None, **kwargs):
-    """
+    """BERTScore F1 against the reference (greedy cosine matching of contextual embeddings).
+
     BERTScore F1 between the completion and the reference, in [0, 1]; 0.0 without a reference.
     Each token's contextual embedding (layer num_layers of model_name; None: the layer the bert-score
     package uses for that model, 17 for roberta-large, else the last layer) is matched greedily to
@@ -1296,10 +1299,11 @@ def _semantic_batch(texts, references, rows, model_name="sentence-transformers/a
     return out
 
 
-@register("semantic_similarity", check=_probe("semantic_similarity", _semantic_batch), batch=_semantic_batch)
+@register("semantic_similarity", check=_probe("semantic_similarity", _semantic_batch), batch=_semantic_batch, extra="model sentence-transformers/all-MiniLM-L6-v2")
 def semantic_similarity(text, reference=None, model_name="sentence-transformers/all-MiniLM-L6-v2", batch_size=32,
                         device=None, **kwargs):
-    """
+    """Cosine similarity of sentence embeddings of the text and the reference.
+
     Cosine similarity of the completion's and the reference's sentence embeddings, as max(0, cos) in [0, 1].
     An embedding is the attention-masked mean of model_name's last hidden states (the pooling
     sentence-transformers uses for all-MiniLM-L6-v2), loaded with transformers' AutoModel. Unrelated
@@ -1367,10 +1371,11 @@ def _toxicity_batch(texts, references, rows, model_name="unitary/toxic-bert", to
     return [1.0 - x if threshold is None else float(x < threshold) for x in p]
 
 
-@register("toxicity", check=_probe("toxicity", _toxicity_batch), batch=_toxicity_batch)
+@register("toxicity", check=_probe("toxicity", _toxicity_batch), batch=_toxicity_batch, extra="model unitary/toxic-bert")
 def toxicity(text, reference=None, model_name="unitary/toxic-bert", toxic_labels=None, threshold=None, batch_size=32,
              device=None, **kwargs):
-    """
+    """1 - the probability of toxicity from a text classifier: high for non-toxic text.
+
     1 - the probability that the completion is toxic, from a text classifier: in [0, 1], high for non-toxic text.
     As in AlignTune, a higher reward means less toxic. The probability is that of the model's general
     "toxic" (or "toxicity") label when it has one (unitary/toxic-bert does, next to severe_toxic,
@@ -1389,10 +1394,11 @@ def _safety_batch(texts, references, rows, model_name="unitary/toxic-bert", toxi
     return [float(x < 0.5) if strict else 1.0 - x for x in p]
 
 
-@register("safety", check=_probe("safety", _safety_batch), batch=_safety_batch)
+@register("safety", check=_probe("safety", _safety_batch), batch=_safety_batch, extra="model unitary/toxic-bert")
 def safety(text, reference=None, model_name="unitary/toxic-bert", toxic_labels=None, strict=False, batch_size=32,
            device=None, **kwargs):
-    """
+    """1 - the probability of any harmful label from a text classifier: high for safe text.
+
     1 - the probability that the completion is harmful, from a text classifier: in [0, 1], high for safe text.
     Every harmful label counts (toxicity reads only the general "toxic" one): those whose name has a
     harm word (toxic, hate, offensive, obscene, threat, insult, abuse, violence, sexual, ...) as a

@@ -270,7 +270,8 @@ def test_custom_type_with_a_callable_or_an_import_string():
 def test_every_registered_reward_stays_in_its_range_on_varied_text():
     texts = ["", "ok", "The answer is 42. Because 6 * 7 = 42, we are done!", "word " * 400,
              "I can't help. Stupid! All men are lazy.", "```python\ndef f(x):\n    return x\n```"]
-    cheap = [n for n in REWARDS if rewards.INFO[n][2] is None and n not in ("code_execution", "code_correctness")]
+    cheap = [n for n in REWARDS if not (rewards.INFO[n][2] or "").startswith("model")  # models: test_model_rewards
+             and n not in ("meteor", "code_execution", "code_correctness")]  # wordnet data; the sandbox
     for name in cheap:
         low, high, _ = rewards.INFO[name]
         for t in texts:
