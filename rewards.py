@@ -1414,7 +1414,599 @@ def safety(text, reference=None, model_name="unitary/toxic-bert", toxic_labels=N
 # -----------------------------------------------------------------------------
 # code rewards: syntax, quality, completeness; execution in a sandboxed process
 
-# (code rewards go here)
+import ast
+import functools
+import hashlib
+import io
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tokenize
+from concurrent.futures import ThreadPoolExecutor
+
+_PY_TAGS = ("", "python", "py", "python3")
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*).*$", re.MULTILINE)  # a fence line and its language tag
+
+
+def _code_blocks(text):
+    """The Python blocks of a completion, by the rules of extract_code."""
+    fences = list(_FENCE.finditer(text))
+    if not fences:
+        return [text] if text.strip() else []
+    blocks, start, lang = [], None, None
+    for m in fences:
+        if start is None:
+            start, lang = m.end() + 1, m[1].lower()
+        else:
+            if lang in _PY_TAGS:
+                blocks.append(text[start:m.start()])
+            start = None
+    if start is not None and lang in _PY_TAGS:  # cut off by the length limit before its closing fence
+        blocks.append(text[start:])
+    return blocks
+
+
+def extract_code(text):
+    """
+    The Python code of a completion: every fenced block tagged python, py, python3 or untagged, joined in order
+    (a later definition overrides an earlier one, and a usage block still sees the functions above it), the last
+    one running to the end of the text when its closing fence was cut off. A text without a fence line is code
+    as a whole; one with fences but no Python block has none ("").
+    """
+    return "\n\n".join(_code_blocks(text))
+
+
+def _parse(code):
+    """The AST of code when it compiles (so a stray `return` fails as well), else None."""
+    try:
+        tree = ast.parse(code)
+        compile(tree, "<completion>", "exec", dont_inherit=True)
+        return tree
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+        return None
+
+
+def _compiles(code):
+    tree = _parse(code)
+    return tree is not None and bool(tree.body)
+
+
+def _compiled(text):
+    """(share of the Python blocks that compile, AST and source of those joined), with (0.0, None, "") for none."""
+    blocks = _code_blocks(text)
+    good = [b for b in blocks if _compiles(b)]
+    if not good:
+        return 0.0, None, ""
+    code = "\n\n".join(good)
+    return len(good) / len(blocks), ast.parse(code), code
+
+
+def _comments(code):
+    try:
+        return [t.string for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type == tokenize.COMMENT]
+    except (tokenize.TokenError, SyntaxError):
+        return []
+
+
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_SNAKE = re.compile(r"_{0,2}[a-z][a-z0-9_]*|_")
+_UPPER = re.compile(r"_{0,2}[A-Z][A-Z0-9_]*")
+_CAPWORDS = re.compile(r"_?[A-Z][A-Za-z0-9]*")
+_MARKER = re.compile(r"\b(?:TODO|FIXME|XXX)\b")
+
+
+def _pep8_name(node):
+    """Whether a defined name follows PEP 8, or None for a node that defines no name."""
+    if isinstance(node, _FUNCTIONS):
+        return bool(_SNAKE.fullmatch(node.name))
+    if isinstance(node, ast.ClassDef):
+        return bool(_CAPWORDS.fullmatch(node.name))
+    if isinstance(node, ast.arg):
+        return bool(_SNAKE.fullmatch(node.arg))
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        return bool(_SNAKE.fullmatch(node.id) or _UPPER.fullmatch(node.id))
+    return None
+
+
+def _style(tree, code):
+    nodes = list(ast.walk(tree))
+    names = [ok for n in nodes if (ok := _pep8_name(n)) is not None]
+    lines = code.splitlines()
+    return (sum(names) / len(names) if names else 1.0,
+            sum(len(line) <= 100 for line in lines) / len(lines),
+            float(not any(isinstance(n, ast.ExceptHandler) and n.type is None for n in nodes)),
+            float(not any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in nodes)))
+
+
+def _documented(tree, code):
+    defs = [n for n in ast.walk(tree) if isinstance(n, (*_FUNCTIONS, ast.ClassDef))]
+    if defs:
+        return sum(ast.get_docstring(d) is not None for d in defs) / len(defs)
+    return float(ast.get_docstring(tree) is not None or bool(_comments(code)))
+
+
+def _loop_depth(tree):
+    """The deepest nesting of loops: for, while and each clause of a comprehension."""
+    deepest, todo = 0, [(tree, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+            depth += 1
+        elif isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            depth += len(node.generators)
+        deepest = max(deepest, depth)
+        todo.extend((child, depth) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
+def _check_quality(check_syntax=True, check_style=True, check_comments=True, check_efficiency=True, language="python"):
+    flags = {"check_syntax": check_syntax, "check_style": check_style, "check_comments": check_comments,
+             "check_efficiency": check_efficiency}
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"code_quality: {name} must be True or False, got {v!r}")
+    if not any(flags.values()):
+        raise ValueError("code_quality: every check is off; enable at least one of " + ", ".join(flags))
+    if language != "python":
+        raise ValueError(f"code_quality: only language='python' is supported, got {language!r}")
+
+
+@register("code_syntax")
+def code_syntax(text, reference=None, **kwargs):
+    """
+    Share of the completion's Python blocks (see extract_code) that compile, in [0, 1]; 0.0 with no code.
+    A block must hold at least one statement, and compile-time errors (a `return` outside a function) count.
+    """
+    return _compiled(text)[0]
+
+
+@register("code_quality", check=_check_quality)
+def code_quality(text, reference=None, check_syntax=True, check_style=True, check_comments=True, check_efficiency=True,
+                 language="python", **kwargs):
+    """
+    Static code quality in [0, 1]: the mean of the enabled checks over the Python blocks that compile (0.0 when none
+    does); nothing is run. syntax: code_syntax. style: the mean of the share of PEP 8 names (snake_case functions,
+    arguments and variables, UPPER_CASE constants, CapWords classes; 1 with no names), the share of lines of at most
+    100 characters, no bare `except:` (1/0) and no `import *` (1/0). comments: the share of functions and classes
+    with a docstring; with neither, 1 if the code has a comment or a module docstring. efficiency: 1 up to two
+    nested loops (a comprehension counts one per `for` clause), 2 / depth deeper. language: "python" only.
+    """
+    _check_quality(check_syntax, check_style, check_comments, check_efficiency, language)
+    share, tree, code = _compiled(text)
+    if tree is None:
+        return 0.0
+    parts = [share] if check_syntax else []
+    if check_style:
+        style = _style(tree, code)
+        parts.append(sum(style) / len(style))
+    if check_comments:
+        parts.append(_documented(tree, code))
+    if check_efficiency:
+        parts.append(min(1.0, 2 / max(_loop_depth(tree), 1)))
+    return sum(parts) / len(parts)
+
+
+def _is_stub(fn):
+    """A body of only pass, `...` and raise NotImplementedError, or nothing but a docstring."""
+    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+    return all(isinstance(s, ast.Pass) or _is_ellipsis(s) or _raises_not_implemented(s) for s in body)
+
+
+def _raises_not_implemented(node):
+    exc = node.exc if isinstance(node, ast.Raise) else None
+    exc = exc.func if isinstance(exc, ast.Call) else exc
+    return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+
+
+def _is_ellipsis(node):
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node.value.value is Ellipsis
+
+
+@register("code_completeness")
+def code_completeness(text, reference=None, **kwargs):
+    """
+    Whether the code looks finished, in [0, 1]: 0.0 when no Python block compiles, else the mean of three checks over
+    the blocks that compile: it defines a function or class (1/0); the share of functions whose body is more than a
+    stub (only pass, `...`, raise NotImplementedError or a docstring; 1 with no functions); no TODO, FIXME or XXX
+    comment and no `...` statement (1/0). Nothing is run.
+    """
+    _, tree, code = _compiled(text)
+    if tree is None:
+        return 0.0
+    nodes = list(ast.walk(tree))
+    functions = [n for n in nodes if isinstance(n, _FUNCTIONS)]
+    defines = float(any(isinstance(n, (*_FUNCTIONS, ast.ClassDef)) for n in nodes))
+    real = sum(not _is_stub(f) for f in functions) / len(functions) if functions else 1.0
+    finished = float(not any(_MARKER.search(c) for c in _comments(code)) and not any(_is_ellipsis(n) for n in nodes))
+    return (defines + real + finished) / 3
+
+
+# The sandbox's runner: a fresh `python -I` reads its job (code, tests, key, limits) from stdin, sets its rlimits,
+# installs the audit hook and runs the code; it reports "done" and "pass <i>" to the parent, each signed with the
+# job's key. Everything it uses once user code has run is bound beforehand (default args, closures), so user code
+# cannot patch it through builtins or modules.
+_RUNNER = r'''
+import hashlib, io, json, os, resource, sys
+
+
+def guard(tmp):
+    """The audit hook. Writes go to tmp only (and /dev/null); nothing under /proc is opened."""
+    deny = frozenset((
+        "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.kill", "os.killpg",
+        "signal.pthread_kill", "os.chdir", "os.chmod", "os.chown", "os.utime", "os.setxattr", "os.removexattr",
+        "os.chflags", "os.lchflags", "os.lchmod", "os.symlink", "os.link", "sys.settrace", "sys.setprofile",
+        "sys._current_frames", "sys._current_exceptions", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+        "sys.addaudithook", "cpython.PyInterpreterState_New", "resource.setrlimit", "resource.prlimit",
+        "code.__new__", "pty.spawn"))
+    modules = frozenset(("ctypes", "_ctypes", "cffi", "_cffi_backend", "_posixsubprocess", "_xxsubinterpreters",
+                         "_xxinterpchannels", "_testcapi", "_testinternalcapi", "_sqlite3", "_dbm", "_gdbm", "syslog"))
+    frames = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
+    moves = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.truncate": 1, "os.rename": 2}
+    writes = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+    def text(p, type=type, str=str, bytes=bytes, PermissionError=PermissionError):  # a PathLike could lie
+        if type(p) is str:
+            return p
+        if type(p) is bytes:
+            return p.decode("utf-8", "surrogateescape")
+        raise PermissionError("sandbox: a path must be str or bytes")
+
+    def resolve(p, tmp=tmp, readlink=os.readlink, OSError=OSError, PermissionError=PermissionError):
+        todo = (p if p.startswith("/") else tmp + "/" + p).split("/")[::-1]
+        done, hops = [], 0
+        while todo:
+            part = todo.pop()
+            if part == "..":
+                if done:
+                    done.pop()
+            elif part not in ("", "."):
+                done.append(part)
+                try:
+                    link = readlink("/" + "/".join(done))
+                except OSError:
+                    continue
+                hops += 1
+                if hops > 40:
+                    raise PermissionError("sandbox: too many symbolic links")
+                done.pop()
+                if link.startswith("/"):
+                    done.clear()
+                todo.extend(link.split("/")[::-1])
+        return "/" + "/".join(done)
+
+    def inside(p, tmp=tmp, text=text, resolve=resolve):
+        p = text(p)
+        r = resolve(p)
+        return r == "/dev/null" or (r == tmp or r.startswith(tmp + "/")) and ".." not in p.split("/")
+
+    def is_dir(r, stat=os.stat, OSError=OSError):
+        try:
+            return stat(r).st_mode & 0o170000 == 0o040000
+        except OSError:
+            return False
+
+    def hook(event, args, deny=deny, modules=modules, frames=frames, moves=moves, writes=writes, text=text,
+             resolve=resolve, inside=inside, is_dir=is_dir, type=type, int=int, ImportError=ImportError,
+             PermissionError=PermissionError, ValueError=ValueError):
+        if event in deny or event.startswith(("socket.", "subprocess.")):
+            raise PermissionError("sandbox: " + event + " is not allowed")
+        if event == "sys._getframe":  # ValueError, which namedtuple, enum and logging take for "no caller frame"
+            raise ValueError("sandbox: frames are hidden")
+        if (event == "object.__getattr__" and args[1] in frames
+                or event == "object.__setattr__" and args[1] == "__code__"):
+            raise PermissionError("sandbox: " + args[1] + " is hidden")
+        if event == "import" and args[0].partition(".")[0] in modules:  # ImportError, which optional imports expect
+            raise ImportError("sandbox: no module " + args[0])
+        looks = event == "open" or event in ("os.listdir", "os.scandir") and args[0] is not None
+        if looks and type(args[0]) is not int:
+            r = resolve(text(args[0]))
+            if r == "/proc" or r.startswith("/proc/"):
+                raise PermissionError("sandbox: /proc is hidden")
+            if event == "open" and (type(args[2]) is not int or args[2] & writes or is_dir(r)) and not inside(args[0]):
+                raise PermissionError("sandbox: no writing (or opening folders) outside the working directory")
+        for p in args[:moves.get(event, 0)]:
+            if type(p) is not int and not inside(p):
+                raise PermissionError("sandbox: no writing outside the working directory")
+
+    return hook
+
+
+def program(code, stdin, exec=exec, BaseException=BaseException, sys=sys, TextIOWrapper=io.TextIOWrapper,
+            BytesIO=io.BytesIO):
+    """Run code as __main__ with stdin as its input: its output, or None if it raised (SystemExit included)."""
+    saved, raw = (sys.stdin, sys.stdout), BytesIO()
+    out = TextIOWrapper(raw, encoding="utf-8")
+    sys.stdin, sys.stdout = TextIOWrapper(BytesIO(stdin.encode()), encoding="utf-8"), out
+    try:
+        exec(code, {"__name__": "__main__"})
+        out.flush()
+        return raw.getvalue().decode("utf-8", "replace")
+    except BaseException:
+        return None
+    finally:
+        sys.stdin, sys.stdout = saved
+
+
+def lines(s):
+    return [line.rstrip() for line in s.rstrip().splitlines()]
+
+
+def run(job, report, exec=exec, compile=compile, BaseException=BaseException, enumerate=enumerate, any=any,
+        program=program, lines=lines):
+    try:
+        code = compile(job["code"], "<solution>", "exec", dont_inherit=True)
+    except BaseException:
+        return
+    if job["mode"] == "run":
+        if program(code, job["stdin"]) is not None:
+            report(b"done")
+        return
+    ns = None
+    if any("assert" in t for t in job["tests"]):
+        try:
+            ns = {"__name__": "solution"}
+            exec(code, ns)
+            exec(compile(job["setup"], "<setup>", "exec", dont_inherit=True), ns)
+        except BaseException:
+            ns = None
+    for i, t in enumerate(job["tests"]):
+        if "assert" in t:
+            if ns is None:
+                continue
+            try:
+                exec(compile(t["assert"], "<test>", "exec", dont_inherit=True), ns)
+            except BaseException:
+                continue
+            report(b"pass %d" % i)
+        else:
+            out = program(code, t["input"])
+            if out is not None and lines(out) == lines(t["output"]):
+                report(b"pass %d" % i)
+
+
+def main():
+    job = json.loads(sys.stdin.buffer.read())
+    key = bytes.fromhex(job.pop("key"))
+    out, null = os.dup(1), os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    for res, n in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_CPU, job["cpu"]),
+                   (resource.RLIMIT_FSIZE, 1 << 24), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, 0),
+                   (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (n, n))
+    blake2b, write, exit = hashlib.blake2b, os.write, os._exit
+
+    def report(msg):
+        write(out, blake2b(msg, key=key, digest_size=16).hexdigest().encode() + b"\n")
+
+    sys.addaudithook(guard(job["tmp"]))
+    run(job, report)
+    exit(0)
+
+
+main()
+'''
+
+# Inside fresh user, mount, pid and network namespaces: mount a tmpfs of $3 MB on the working directory (and enter
+# it, so that relative paths resolve there), remount every other mount read-only, then exec the rest of the command
+# line (setpriv, which drops every capability).
+_NS_SETUP = ('d=$1 m=$2 mb=$3; shift 3; "$m" -t tmpfs -o "size=${mb}m,mode=700" tmpfs "$d" && cd "$d" || exit 1; '
+             'while read -r _ _ _ _ p _; do [ "$p" = "$d" ] || "$m" -o remount,bind,ro "$p" || exit 1; '
+             'done < /proc/self/mountinfo; exec "$@"')
+
+
+@functools.lru_cache(maxsize=None)
+def _tools():
+    """Absolute paths of unshare, mount, setpriv and sh, or None when one is missing."""
+    paths = [shutil.which(t) for t in ("unshare", "mount", "setpriv", "sh")]
+    return None if None in paths else paths
+
+
+def _command(tmp, namespaces, memory_mb):
+    python = [sys.executable, "-I", "-B", "-c", _RUNNER]
+    if not namespaces:
+        return python
+    unshare, mount, setpriv, sh = _tools()
+    return [unshare, "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount", "--mount-proc",
+            "--kill-child", sh, "-c", _NS_SETUP, "sh", tmp, mount, str(memory_mb),
+            setpriv, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *python]
+
+
+def _read(stream, deadline, limit=1 << 20):
+    """What a child writes to stream until it closes it, the deadline passes or `limit` bytes have come."""
+    poller, fd, data = select.poll(), stream.fileno(), b""
+    poller.register(fd, select.POLLIN)
+    while len(data) < limit:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            break
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _kill(proc):
+    """SIGKILL the child's process group and the child itself (should it have left the group), reap it."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
+def _sign(key, msg):
+    return hashlib.blake2b(msg.encode(), key=key, digest_size=16).hexdigest().encode()
+
+
+def _sandbox(job, timeout, memory_mb, namespaces):
+    """
+    Run one job in a fresh process: (whether the program ran to completion, how many of job["tests"] passed).
+
+    What it does: the code runs only in a child `python -I -B` (never in this process), with a minimal environment
+    (PATH, LANG, and HOME = TMPDIR = its working directory, a private temporary directory deleted afterwards), so none
+    of the trainer's environment variables reach it. Limits: `timeout` seconds of wall clock for the whole run, after
+    which its process group is killed; RLIMIT_CPU ceil(timeout) + 1 s, RLIMIT_AS memory_mb, RLIMIT_FSIZE 16 MB,
+    RLIMIT_NOFILE 64, RLIMIT_NPROC 0 (no threads or processes), RLIMIT_CORE 0; at most 1 MB of its output is read.
+    With `namespaces` it runs in new user, pid, mount and network namespaces (unshare): no network (its own loopback
+    is down), the trainer is invisible and cannot be signalled, every process in it dies with it, every mount is
+    read-only but its working directory, a tmpfs of memory_mb, and it holds no capabilities (setpriv, no_new_privs).
+    In both modes an audit hook, installed before the code runs, refuses: sockets and name lookups; subprocess,
+    os.system, exec, fork, posix_spawn; os.kill, killpg, pthread_kill; ctypes, cffi and other native-call modules;
+    subinterpreters; opening anything under /proc; writing, creating, removing or renaming outside its directory
+    (and /dev/null); chdir, chmod, chown, utime, xattrs, links; setrlimit; more audit hooks; and the ways to the
+    runner's memory: gc.get_objects/get_referrers/get_referents, sys._getframe/_current_frames, the frames of
+    tracebacks and generators, settrace/setprofile, code.__new__ and replacing a function's __code__. A pass counts
+    only when signed with a MAC keyed by a random key the child reads from stdin, so printing markers, or replaying
+    and hijacking its report pipe, forges nothing; sys.exit and os._exit only end the run.
+
+    What it does NOT stop: native code (an installed C extension, a hand-made code object from marshal.loads, an
+    interpreter bug) can do whatever its process may do, including reading the key and forging passes: the audit hook
+    only sees Python-level calls. The code runs as the trainer's user (root if the trainer is root, which RLIMIT_NPROC
+    exempts), so it can read whatever that user can read, and through native code reach Unix sockets in the file
+    system. Timing and cache side channels. Tests as weak as their asserts: an object whose __eq__ always returns True
+    passes `assert f(x) == y`. Without namespaces (sandbox="process", or "auto" where they do not work) the audit hook
+    is the only guard, and more is open: signal.pidfd_send_signal can signal any process of the user (the trainer
+    included), os.mkfifo and os.mknod create nodes outside its directory, the disk fills at 16 MB a file, and native
+    code has the network.
+    """
+    key = secrets.token_bytes(32)
+    with tempfile.TemporaryDirectory(prefix="nmgrpo-code-", ignore_cleanup_errors=True) as tmp:
+        tmp = os.path.realpath(tmp)
+        payload = json.dumps({**job, "key": key.hex(), "tmp": tmp, "cpu": math.ceil(timeout) + 1,
+                              "memory": memory_mb << 20}).encode()
+        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
+        deadline = time.monotonic() + timeout
+        proc = subprocess.Popen(_command(tmp, namespaces, memory_mb), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, cwd=tmp, env=env, start_new_session=True)
+        try:
+            try:
+                proc.stdin.write(payload)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            signed = set(_read(proc.stdout, deadline).split())
+        finally:
+            _kill(proc)
+    passed = sum(_sign(key, f"pass {i}") in signed for i in range(len(job.get("tests", ()))))
+    return _sign(key, "done") in signed, passed
+
+
+@functools.lru_cache(maxsize=None)
+def _namespaces():
+    """Whether the namespace sandbox works here: probed once by running an empty program in it."""
+    return _tools() is not None and _sandbox({"mode": "run", "code": "", "stdin": ""}, 10.0, 256, True)[0]
+
+
+_SANDBOXES = ("auto", "namespace", "process")
+
+
+def _check_sandbox(timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto"):
+    if not _is_number(timeout) or timeout <= 0:
+        raise ValueError(f"code sandbox: timeout must be a number of seconds > 0, got {timeout!r}")
+    for name, v, least in (("memory_mb", memory_mb, 64), ("max_workers", max_workers, 1)):
+        if (v is not None or name == "memory_mb") and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+            raise ValueError(f"code sandbox: {name} must be an integer >= {least}, got {v!r}")
+    if sandbox not in _SANDBOXES:
+        raise ValueError(f"code sandbox: sandbox must be one of {_SANDBOXES}, got {sandbox!r}"
+                         f"{_did_you_mean(sandbox, _SANDBOXES)}")
+    available = sandbox == "process" or _namespaces()  # probed once, here at start-up for "auto" as well
+    if sandbox == "namespace" and not available:
+        raise ValueError("code sandbox: sandbox='namespace' needs working unprivileged user namespaces and "
+                         "util-linux (unshare, mount, setpriv), which this machine lacks; use 'auto' or 'process'")
+
+
+def _run_all(jobs, timeout, memory_mb, max_workers, sandbox):
+    """(done, passed) of each job (None: nothing to run), in parallel, each in its own sandboxed process."""
+    _check_sandbox(timeout, memory_mb, max_workers, sandbox)
+    namespaces = sandbox != "process" and _namespaces()
+
+    def one(job):
+        return (False, 0) if job is None else _sandbox(job, timeout, memory_mb, namespaces)
+
+    with ThreadPoolExecutor(max(1, min(len(jobs), max_workers or os.cpu_count() or 1))) as pool:
+        return list(pool.map(one, jobs))
+
+
+def _tests(row):
+    """The row's tests: MBPP asserts (test_list), and test_cases of asserts or {"input", "expected_output"}."""
+    tests = []
+    for t in [*_as_list(row.get("test_list") or []), *_as_list(row.get("test_cases") or [])]:
+        out = t.get("expected_output", t.get("output")) if isinstance(t, Mapping) else None
+        if isinstance(t, str):
+            tests.append({"assert": t})
+        elif isinstance(out, str) and isinstance(t.get("input"), str):
+            tests.append({"input": t["input"], "output": out})
+        else:
+            raise ValueError(f"code tests are assert strings or stdin/stdout cases {{'input': str, "
+                             f"'expected_output' (or 'output'): str}}, got {t!r}")
+    return tests
+
+
+def _execution_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto"):
+    jobs = []
+    for text, row in zip(texts, rows):
+        code = extract_code(text)
+        stdin = next((t["input"] for t in _tests(row or {}) if "input" in t), "")
+        jobs.append({"mode": "run", "code": code, "stdin": stdin} if code.strip() else None)
+    return [float(done) for done, _ in _run_all(jobs, timeout, memory_mb, max_workers, sandbox)]
+
+
+def _correctness_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto"):
+    jobs = []
+    for text, row in zip(texts, rows):
+        row = row or {}
+        if "test_list" not in row and "test_cases" not in row:
+            raise ValueError("code_correctness needs the row's tests: a test_list column (MBPP asserts) or "
+                             "test_cases (asserts, or {'input', 'expected_output'} stdin/stdout cases)")
+        code, tests = extract_code(text), _tests(row)
+        setup = "\n".join([*_as_list(row.get("test_imports") or []), row.get("test_setup_code") or ""])
+        jobs.append({"mode": "test", "code": code, "setup": setup, "tests": tests} if code.strip() and tests else None)
+    results = _run_all(jobs, timeout, memory_mb, max_workers, sandbox)
+    return [passed / len(job["tests"]) if job else 0.0 for job, (_, passed) in zip(jobs, results)]
+
+
+@register("code_execution", check=_check_sandbox, batch=_execution_batch)
+def code_execution(text, reference=None, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto", **kwargs):
+    """
+    1.0 if the completion's code (see extract_code) runs to completion without an error, else 0.0 (no code, an
+    exception, sys.exit or os._exit, a limit hit). It runs as __main__ with the row's first stdin case as its input
+    (else an empty one); tests are not run (that is code_correctness, unlike AlignTune's code_execution, which scores
+    tests when it has them). timeout: wall-clock seconds for the run; memory_mb: its address-space limit (and the
+    size of its tmpfs with namespaces); max_workers: parallel runs in a batch (default os.cpu_count()); sandbox:
+    "auto" (namespaces where this machine allows them), "namespace" (required) or "process" (audit hook and rlimits
+    only). See _sandbox for what the sandbox stops and what it does not.
+    """
+    return _execution_batch([text], [reference], [kwargs], timeout, memory_mb, max_workers, sandbox)[0]
+
+
+@register("code_correctness", check=_check_sandbox, batch=_correctness_batch)
+def code_correctness(text, reference=None, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto", **kwargs):
+    """
+    Fraction of the row's tests the completion's code (see extract_code) passes, in [0, 1]. Tests come from the row:
+    test_list (MBPP assert strings, with test_imports and test_setup_code run after the code) and test_cases (assert
+    strings, or {"input", "expected_output" (or "output")} cases: the code runs as __main__ on that stdin, and its
+    stdout must match up to trailing whitespace; AlignTune instead calls the first function with "input"). Asserts
+    run in the code's namespace, loaded once (as module "solution"): code that fails to load passes none of them.
+    A row without either column is an error; empty tests score 0.0. One run holds all of a completion's tests,
+    under the params of code_execution; tests passed before a timeout count.
+    """
+    return _correctness_batch([text], [reference], [kwargs], timeout, memory_mb, max_workers, sandbox)[0]
 
 
 # -----------------------------------------------------------------------------

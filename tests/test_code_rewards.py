@@ -1,0 +1,282 @@
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+import rewards
+from rewards import (code_completeness, code_correctness, code_execution, code_quality, code_syntax, extract_code,
+                     resolve, score)
+
+TIMEOUT = 2.0
+ADD = "def add(a, b):\n    return a + b\n"
+MBPP = {"test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]}
+MODES = ["namespace", "process"]
+
+
+def run_modes():
+    """The sandbox modes to test here: "namespace" only where this machine supports it."""
+    return [pytest.param(m, marks=pytest.mark.skipif(m == "namespace" and not rewards._namespaces(),
+                                                     reason="no unprivileged user namespaces here")) for m in MODES]
+
+
+# --- extraction and static rewards
+
+
+def test_extract_code_joins_python_blocks_and_skips_others():
+    text = ("Here is the function:\n```python\ndef f():\n    return 1\n```\nUsage:\n```\nprint(f())\n```\n"
+            "Run it with:\n```bash\npython f.py\n```\n")
+    assert extract_code(text) == "def f():\n    return 1\n\n\nprint(f())\n"
+    assert extract_code("def f():\n    return 1") == "def f():\n    return 1"  # no fence: the whole text
+    assert extract_code("```bash\nls\n```") == ""  # fences, but no Python block
+    assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"  # cut off before its fence
+    assert extract_code("") == ""
+
+
+def test_code_syntax():
+    assert code_syntax(f"```python\n{ADD}```") == 1.0
+    assert code_syntax("```python\nx = 1\n```\n```python\nx = (\n```") == 0.5  # one block of two compiles
+    assert code_syntax("return 1") == 0.0  # a compile-time error, not only a parse error
+    assert code_syntax("```python\n\n```") == 0.0  # a block needs a statement
+    assert code_syntax("") == 0.0
+    assert code_syntax("(" * 10000) == 0.0  # too deep for the parser: refused, not a crash
+
+
+def test_code_quality():
+    good = 'def add(a, b):\n    """Sum of a and b."""\n    return a + b\n'
+    assert code_quality(good) == 1.0
+    bad = ("from math import *\ndef AddNums(X, y):\n    try:\n        for i in X:\n            for j in y:\n"
+           "                for k in y:\n                    pass\n    except:\n        pass\n")
+    # syntax 1; style: 4 of 6 names (AddNums, X), lines 1, bare except 0, import * 0; docstrings 0; three loops 2/3
+    assert code_quality(bad) == pytest.approx((1 + (4 / 6 + 1) / 4 + 0 + 2 / 3) / 4)
+    assert code_quality(bad, check_syntax=False, check_style=False, check_comments=False) == pytest.approx(2 / 3)
+    assert code_quality("x = (") == 0.0
+    assert code_quality("x = 1  # one\n", check_syntax=False, check_style=False, check_efficiency=False) == 1.0
+    with pytest.raises(ValueError, match="language"):
+        resolve([{"type": "code_quality", "params": {"language": "javascript"}}])
+    with pytest.raises(ValueError, match="at least one"):
+        resolve([{"type": "code", "params": {"check_syntax": False, "check_style": False, "check_comments": False,
+                                             "check_efficiency": False}}])
+
+
+def test_code_completeness():
+    assert code_completeness(ADD) == 1.0
+    assert code_completeness("def f():\n    pass\n") == pytest.approx(2 / 3)  # a stub
+    assert code_completeness('def f():\n    """Later."""\n    ...\n') == pytest.approx(1 / 3)  # a stub and a `...`
+    assert code_completeness("def f():\n    raise NotImplementedError\n") == pytest.approx(2 / 3)
+    assert code_completeness(ADD + "# TODO: negative numbers\n") == pytest.approx(2 / 3)
+    assert code_completeness("print(sum(map(int, input().split())))\n") == pytest.approx(2 / 3)  # no function
+    assert code_completeness("def f(:\n") == 0.0
+
+
+# --- running code
+
+
+@pytest.mark.parametrize("sandbox", run_modes())
+def test_correctness_scores_mbpp_and_stdin_cases(sandbox):
+    p = {"timeout": TIMEOUT, "sandbox": sandbox}
+    half = "```python\ndef add(a, b):\n    return 3\n```"
+    reverse = "```python\nprint(input()[::-1])\n```"
+    cases = {"test_cases": [{"input": "abc\n", "expected_output": "cba\n"}, {"input": "xy", "expected_output": "xy"}]}
+    texts = [f"```python\n{ADD}```", half, "```python\ndef add(a, b):\n```", reverse, "no code here"]
+    rows = [MBPP, MBPP, MBPP, cases, MBPP]
+    assert rewards._correctness_batch(texts, [None] * 5, rows, **p) == [1.0, 0.5, 0.0, 0.5, 0.0]
+    setup = {"test_list": ["assert area(2) == pytest_approx(4 * pi)"], "test_imports": ["from math import pi"],
+             "test_setup_code": "pytest_approx = lambda x: round(x, 6)"}
+    assert code_correctness("def area(r):\n    return round(pi * r * r, 6)\n", **setup, **p) == 1.0
+    stdlib = ("import collections, dataclasses, enum, logging, os, tempfile, typing\n"
+              "P = collections.namedtuple('P', 'x y')\nC = enum.Enum('C', 'A B')\nlogging.warning('hi')\n"
+              "D = dataclasses.make_dataclass('D', ['x'])\nN = typing.NamedTuple('N', [('a', int)])\n"
+              "with tempfile.TemporaryDirectory() as d:\n    open(os.path.join(d, 'f'), 'w').write('ok')\n"
+              "open('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'\n" + ADD)
+    assert code_correctness(stdlib, **MBPP, **p) == 1.0  # the audit hook leaves ordinary code alone
+    with pytest.raises(ValueError, match="test_list"):
+        code_correctness(ADD, **p)
+
+
+@pytest.mark.parametrize("sandbox", run_modes())
+def test_execution(sandbox):
+    p = {"timeout": TIMEOUT, "sandbox": sandbox}
+    echo = {"test_cases": [{"input": "hi\n", "expected_output": "hi"}]}
+    texts = [ADD, "raise ValueError('bad')", "print(input())", "print(input())", ""]
+    rows = [{}, {}, echo, {}, {}]  # the last input() meets an empty stdin
+    assert rewards._execution_batch(texts, [None] * 5, rows, **p) == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert code_execution(ADD, **p) == 1.0
+
+
+def test_score_uses_the_batched_path():
+    rs = resolve([{"type": "code_correctness", "params": {"timeout": TIMEOUT}}, {"type": "code_execution"}])
+    total, cols = score(rs, [ADD, "def add(a, b):\n    return 3\n"], [None, None], [MBPP, MBPP])
+    assert cols == {"code_correctness": [1.0, 0.5], "code_execution": [1.0, 1.0]}
+    assert total == [2.0, 1.5]
+
+
+def test_check_rejects_bad_params():
+    for params, match in (({"timeout": 0}, "timeout"), ({"memory_mb": 8}, "memory_mb"),
+                          ({"max_workers": 0}, "max_workers"), ({"sandbox": "docker"}, "sandbox")):
+        with pytest.raises(ValueError, match=match):
+            resolve([{"type": "code_execution", "params": params}])
+
+
+# --- hostile code: each snippet defines a correct add(), then does something hostile at load time that
+# raises, dies or hangs when the sandbox holds (its last line asserts that the attack worked), so every score is 0.
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass",
+    "fork bomb": "import os\nwhile True:\n    os.fork()",
+    "10 GB allocation": "x = bytearray(10 * 1024 ** 3)",
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "signal the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+                         "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
+    "open a socket": "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')",
+    "read an environment secret": """
+import os
+def leaks():
+    found = os.environ.get('NMGRPO_TEST_SECRET', '')
+    for path in ('/proc/self/environ', f'/proc/{{os.getppid()}}/environ', '/proc/1/environ'):
+        try:
+            found += open(path, errors='replace').read()
+        except OSError:
+            pass
+    return found
+assert 'hunter2' in leaks()""",
+    "write outside its folder": """
+import os, pathlib, shutil
+def attempt(f):
+    try:
+        f()
+    except Exception:
+        pass
+attempt(lambda: open({out!r} + '1', 'w').write('x'))
+attempt(lambda: os.close(os.open({out!r} + '2', os.O_CREAT | os.O_WRONLY)))
+attempt(lambda: pathlib.Path({out!r} + '3').write_text('x'))
+attempt(lambda: os.mkdir({out!r} + '4'))
+attempt(lambda: (open('mine', 'w').close(), os.rename('mine', {out!r} + '5')))
+attempt(lambda: (open('mine', 'w').close(), shutil.copy('mine', {out!r} + '6')))
+attempt(lambda: (os.symlink({out!r} + '7', 'link'), open('link', 'w').write('x')))
+attempt(lambda: open('../' + os.path.basename({out!r}) + '8', 'w').write('x'))
+attempt(lambda: os.system('touch ' + {out!r} + '9'))
+assert any(os.path.exists({out!r} + str(i)) for i in range(1, 10))""",
+    "run a process or native code": """
+def attempt(f):
+    try:
+        return f() is not None
+    except Exception:
+        return False
+import os
+assert (attempt(lambda: __import__('subprocess').run(['true']))
+        or attempt(lambda: __import__('ctypes').CDLL(None))
+        or attempt(lambda: os.posix_spawn('/bin/true', ['true'], {{}})))""",
+    "look at the runner's frames": """
+import gc, sys
+def attempt(f):
+    try:
+        return f() is not None
+    except Exception:
+        return False
+def gen():
+    yield 1
+def caught():
+    try:
+        raise KeyError
+    except KeyError as e:
+        return e.__traceback__.tb_frame.f_back
+assert (attempt(lambda: sys._getframe(1)) or attempt(caught) or attempt(lambda: gen().gi_frame)
+        or attempt(lambda: gc.get_objects()) or attempt(lambda: gc.get_referrers(sys))
+        or attempt(lambda: sys._current_frames()) or attempt(lambda: sys.settrace(lambda *a: None)))""",
+    "print the pass markers": """
+import os
+for line in ('PASS', 'done', 'pass 0', '1', 'True', '{{"passed": 1}}'):
+    print(line)
+    for fd in range(1, 64):
+        try:
+            os.write(fd, (line + '\\n').encode())
+        except OSError:
+            pass
+os._exit(0)""",
+}
+
+
+@pytest.mark.parametrize("sandbox", run_modes())
+def test_hostile_code_scores_zero_and_harms_nothing(sandbox, tmp_path, monkeypatch):
+    monkeypatch.setenv("NMGRPO_TEST_SECRET", "hunter2")
+    out = str(tmp_path / "escaped")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    names = list(HOSTILE)
+    texts = [ADD + HOSTILE[n].format(port=listener.getsockname()[1], out=out) for n in names]
+    before = set(os.listdir(tempfile.gettempdir()))
+    p = {"timeout": TIMEOUT, "sandbox": sandbox, "max_workers": len(texts)}
+    table = {}
+    for batch, row in ((rewards._correctness_batch, MBPP), (rewards._execution_batch, {})):
+        start = time.monotonic()
+        table[batch.__name__] = dict(zip(names, batch(texts, [None] * len(texts), [row] * len(texts), **p)))
+        assert time.monotonic() - start < TIMEOUT * 2 + 10
+    assert all(v == 0.0 for scores in table.values() for v in scores.values()), table
+    assert os.listdir(tmp_path) == []  # nothing written outside
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody connected
+    listener.close()
+    left = {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith(("nmgrpo-code-", "escaped"))}
+    assert not left  # the working directories are gone, and nothing escaped into the temp folder either
+    assert os.environ["NMGRPO_TEST_SECRET"] == "hunter2"  # and this process is alive and unchanged
+
+
+@pytest.mark.parametrize("sandbox", run_modes())
+def test_hijacked_report_pipe_forges_nothing(sandbox):
+    """The code swaps its own pipe in for the report pipe, reads what the runner reports and replays it."""
+    hijack = """
+import os, stat
+def is_pipe(fd):
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+saved, (spy, w) = [], os.pipe()
+for fd in [fd for fd in range(3, 64) if is_pipe(fd) and fd not in (spy, w)]:
+    saved.append(os.dup(fd))
+    os.dup2(w, fd)
+os.set_blocking(spy, False)
+def add(a, b):
+    try:
+        seen = os.read(spy, 1 << 16)
+    except OSError:
+        seen = b''
+    for fd in saved:
+        for line in seen.split():  # replay what it saw, and guesses at other passes
+            for guess in (line, line.replace(b'0', b'1'), line.replace(b'0', b'2'), line + b' pass 1', b'pass 1'):
+                os.write(fd, guess + b'\\n')
+    return a + b if a == 1 else 0
+"""
+    rows = [{"test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(2, 3) == 5"]}]
+    scores = rewards._correctness_batch([hijack], [None], rows, timeout=TIMEOUT, sandbox=sandbox)
+    assert scores == [pytest.approx(1 / 3)]  # the replayed pass is real; no guess counts
+
+
+@pytest.mark.skipif(not rewards._namespaces(), reason="no unprivileged user namespaces here")
+def test_namespaces_hold_without_the_audit_hook(tmp_path):
+    """The namespace layer alone (a plain python in place of the runner): no network, read-only mounts, no parent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    probe = f"""
+import os, socket
+def attempt(f):
+    try:
+        f()
+        return 'yes'
+    except OSError:
+        return 'no'
+print(attempt(lambda: socket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=1)),
+      attempt(lambda: open({str(tmp_path / "escaped")!r}, 'w')), attempt(lambda: open('mine', 'w')),
+      attempt(lambda: os.kill({os.getpid()}, 0)), os.getpid(), os.getppid())
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = rewards._command(os.path.realpath(tmp), True, 64)[:-1] + [probe]
+        out = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=30).stdout
+    assert out.split() == ["no", "no", "yes", "no", "1", "0"]  # network, outside, inside, this process; pid 1
+    assert os.listdir(tmp_path) == []
+    listener.close()
+    fill = "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * (10 << 20))\n"
+    assert code_execution(fill, sandbox="namespace", memory_mb=64, timeout=TIMEOUT) == 0.0  # a 64 MB tmpfs is full
