@@ -1,21 +1,30 @@
 """
-Rewards: score decoded completions against their references.
+Rewards: score decoded completions against their references. This file imports nothing of ours.
 
 A reward is a plain function `f(text, reference=None, **kwargs) -> float`. `text` is one decoded
 completion, `reference` its dataset answer (or None), and kwargs carry the reward's own params
-together with the other columns of the dataset row (`test_list`, `context`, ...), so every reward
-takes `**kwargs` and ignores what it does not use. A registered reward's named params come from the
-config only: a row column of the same name never reaches them.
+together with the other columns of the dataset row (`prompt`, `test_list`, `context`,
+`instruction`, `jurisdiction`, ...), so every reward takes `**kwargs` and ignores what it does not
+use. A registered reward's named params come from the config only: a row column of the same name
+never reaches them. `python rewards.py list` prints the catalogue: name, what it measures, range,
+and the extra it needs. The sections below: math answers; text heuristics (deterministic, whole-word
+matches); reference metrics (sacrebleu, rouge-score, NLTK); model rewards (transformers
+classifiers and encoders, batched on the training device); code rewards (static checks, and
+execution in a sandboxed process, never in this one).
 
-Two config forms say which rewards to use (give one, not both):
+Config forms (give one, not both):
 
     rewards=[{"type": "math_correctness", "weight": 1.0},
-             {"type": "length", "weight": 0.1, "params": {"max_length": 300}}]
+             {"type": "length", "weight": 0.1, "params": {"max_length": 300}},
+             {"type": "custom", "params": {"reward_function": "my_module:my_reward"}}]
     reward_functions=["math_correctness", "length"], reward_function_weights=[1.0, 0.1]
 
-A "type" or a reward_functions entry is a registered name or a callable of the same shape; a dict
-entry may add "name" to label its metrics column. resolve() turns either form into a list of Reward
-and checks names, weights and params up front; score() runs them over a batch.
+A "type" or a reward_functions entry is a registered name, an alias (math, code), "custom" with
+params.reward_function (a callable or a "module:function" string; its other params go to it), or a
+callable of the same shape; a dict entry may add "name" to label its metrics column. resolve()
+turns either form into a list of Reward and checks names, weights and params up front, loading the
+extras and models they need, so a missing one stops the run before its first step; score() runs
+them over a batch, through a reward's batched path when it has one.
 
 A reward that raises or returns a non-finite value stops score() with an error naming it; nothing is
 swallowed. A reward that can fail on bad completions (running generated code, say) catches that
@@ -25,21 +34,38 @@ To add a reward, write the function and decorate it:
 
     @register("my_reward")
     def my_reward(text, reference=None, scale=1.0, **kwargs):
+        '''One line: what it measures (shown by `list`).'''
         return scale * float(text.strip() == reference)
 
-`register(name, check=fn)` may also give a function of the params alone that raises ValueError,
-so that resolve() rejects bad params before training starts.
+register() may also give `check`, a function of the params alone that raises ValueError (bad
+params, a missing extra or model) so that resolve() stops before training; `batch`, a function
+(texts, references, rows, **params) -> list of floats; the range [low, high]; and the extra.
 """
 
+import ast
 import bisect
 import difflib
 import functools
+import hashlib
 import inspect
+import io
+import json
 import math
 import numbers
+import os
 import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+import tokenize
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
@@ -1414,23 +1440,6 @@ def safety(text, reference=None, model_name="unitary/toxic-bert", toxic_labels=N
 # -----------------------------------------------------------------------------
 # code rewards: syntax, quality, completeness; execution in a sandboxed process
 
-import ast
-import functools
-import hashlib
-import io
-import json
-import os
-import secrets
-import select
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import tokenize
-from concurrent.futures import ThreadPoolExecutor
-
 _PY_TAGS = ("", "python", "py", "python3")
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*).*$", re.MULTILINE)  # a fence line and its language tag
 
@@ -1560,7 +1569,8 @@ def _check_quality(check_syntax=True, check_style=True, check_comments=True, che
 
 @register("code_syntax")
 def code_syntax(text, reference=None, **kwargs):
-    """
+    """Share of the completion's Python blocks that compile.
+
     Share of the completion's Python blocks (see extract_code) that compile, in [0, 1]; 0.0 with no code.
     A block must hold at least one statement, and compile-time errors (a `return` outside a function) count.
     """
@@ -1570,7 +1580,8 @@ def code_syntax(text, reference=None, **kwargs):
 @register("code_quality", check=_check_quality)
 def code_quality(text, reference=None, check_syntax=True, check_style=True, check_comments=True, check_efficiency=True,
                  language="python", **kwargs):
-    """
+    """Static quality of the code: syntax, PEP 8 style, docstrings, loop nesting.
+
     Static code quality in [0, 1]: the mean of the enabled checks over the Python blocks that compile (0.0 when none
     does); nothing is run. syntax: code_syntax. style: the mean of the share of PEP 8 names (snake_case functions,
     arguments and variables, UPPER_CASE constants, CapWords classes; 1 with no names), the share of lines of at most
@@ -1611,7 +1622,8 @@ def _is_ellipsis(node):
 
 @register("code_completeness")
 def code_completeness(text, reference=None, **kwargs):
-    """
+    """Whether the code looks finished: defines something, no stubs, no TODO.
+
     Whether the code looks finished, in [0, 1]: 0.0 when no Python block compiles, else the mean of three checks over
     the blocks that compile: it defines a function or class (1/0); the share of functions whose body is more than a
     stub (only pass, `...`, raise NotImplementedError or a docstring; 1 with no functions); no TODO, FIXME or XXX
@@ -1983,7 +1995,8 @@ def _correctness_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_
 
 @register("code_execution", check=_check_sandbox, batch=_execution_batch)
 def code_execution(text, reference=None, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto", **kwargs):
-    """
+    """1.0 if the code runs to completion in the sandbox without an error.
+
     1.0 if the completion's code (see extract_code) runs to completion without an error, else 0.0 (no code, an
     exception, sys.exit or os._exit, a limit hit). It runs as __main__ with the row's first stdin case as its input
     (else an empty one); tests are not run (that is code_correctness, unlike AlignTune's code_execution, which scores
@@ -1997,7 +2010,8 @@ def code_execution(text, reference=None, timeout=5.0, memory_mb=512, max_workers
 
 @register("code_correctness", check=_check_sandbox, batch=_correctness_batch)
 def code_correctness(text, reference=None, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto", **kwargs):
-    """
+    """Share of the row's tests (MBPP asserts, stdin/stdout cases) passed in the sandbox.
+
     Fraction of the row's tests the completion's code (see extract_code) passes, in [0, 1]. Tests come from the row:
     test_list (MBPP assert strings, with test_imports and test_setup_code run after the code) and test_cases (assert
     strings, or {"input", "expected_output" (or "output")} cases: the code runs as __main__ on that stdin, and its
@@ -2226,7 +2240,6 @@ def catalogue():
 
 
 if __name__ == "__main__":
-    import sys
     if sys.argv[1:] != ["list"]:
         sys.exit("usage: python rewards.py list")
     print(catalogue())
