@@ -225,7 +225,7 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
     mapping = column_mapping or preset.get("columns")
     extract = preset.get("extract", {})
     user_fn = _resolve_fn(processing_fn)
-    row_fn = preset.get("row") if column_mapping is None else None  # a preset's row builder goes with its mapping
+    row_fn = None if column_mapping else preset.get("row")  # a preset's row builder goes with its mapping
     fn = (lambda r: user_fn(row_fn(r))) if row_fn and user_fn else row_fn or user_fn
 
     def examples(split_, cap):

@@ -429,6 +429,25 @@ def test_rewards_receive_reference_and_row_columns(small):
         assert len({kw["prompt"] for _, kw in calls[i:i + cfg.num_generations]}) == 1
 
 
+def test_mbpp_trains_with_sandboxed_tests_that_the_references_pass(small, tmp_path):
+    from test_data import MBPP_ROWS
+    folder = tmp_path / "mbpp"
+    folder.mkdir()
+    rows = [dict(r, task_id=r["task_id"] + 100 * k, text=f"{r['text']} (variant {k})") for k in range(4) for r in MBPP_ROWS]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make({k: v for k, v in small.items() if k != "column_mapping"}, dataset_name=str(folder), eval_size=2, max_steps=1,
+               rewards=[{"type": "code_correctness", "params": {"timeout": 5.0}}, {"type": "code_syntax", "weight": 0.1}])
+    run = train.setup(cfg)
+    examples = run["train_set"][:4]
+    total, columns = train.score(run, examples, [ex["reference"] for ex in examples])  # the reference solutions
+    assert columns["code_correctness"] == [1.0] * 4 and total.tolist() == [pytest.approx(1.1)] * 4
+    _, columns = train.score(run, examples, ["```python\ndef remove_Occ(s, ch):\n    return s\n```"] * 4)
+    assert columns["code_correctness"] == [0.0, 0.0, 0.0, 0.0] and columns["code_syntax"] == [1.0] * 4
+    train.train(cfg)
+    m = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert 0.0 <= m[0]["rewards/code_correctness"] <= 1.0
+
+
 # ---------------------------------------------------------------------------- bad configs
 
 @pytest.mark.parametrize("bad", ["model", "dataset", "reward", "fp16", "resume"])
