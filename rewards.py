@@ -1114,7 +1114,7 @@ def bleu(text, reference=None, tokenize="13a", smooth_method="exp", lowercase=Fa
         return 0.0
     from sacrebleu.metrics import BLEU
     metric = BLEU(tokenize=tokenize, smooth_method=smooth_method, lowercase=lowercase, effective_order=True)
-    return metric.sentence_score(text, [str(r) for r in refs]).score / 100.0
+    return min(1.0, metric.sentence_score(text, [str(r) for r in refs]).score / 100.0)
 
 
 _ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
