@@ -4,11 +4,12 @@ load_examples turns a Hub dataset, a local file or folder, an in-memory list or 
 task into lists of {"prompt", "reference", **other columns}; render_prompt applies the chat template;
 encode_prompts left-pads token ids; batch_indices is the deterministic, rank-aware shuffled stream.
 """
+import ast
+import builtins
 import importlib
 import logging
 import os
 import random
-import re
 
 import torch
 from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset, load_from_disk
@@ -38,21 +39,27 @@ def extract_boxed(text):
     return None
 
 
-_CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\s*\(")
-_NOT_THE_FUNCTION = {"set", "sorted", "list", "tuple", "dict", "abs", "round", "len", "str", "int", "float", "sum",
-                     "max", "min", "all", "any", "isinstance", "frozenset", "bool", "math", "not"}
-
-
-def mbpp_function(test):
-    """The function an MBPP assert tests: its first called name that is not a builtin ('assert f(1) == 2' -> 'f')."""
-    return next((m[1] for m in _CALL.finditer(test) if m[1] not in _NOT_THE_FUNCTION), None)
+def mbpp_function(test, imports=""):
+    """The function an MBPP assert tests: the first plain name it calls that is not a builtin nor imported
+    ('assert set(f(1)) == {2}' -> 'f'); None when there is none or the test does not parse."""
+    try:
+        tree, known = ast.parse(test), set(dir(builtins))
+        for node in ast.walk(ast.parse(imports or "")):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                known.update((a.asname or a.name).split(".")[0] for a in node.names)
+    except SyntaxError:
+        return None
+    calls = sorted((n.func.col_offset, n.func.id) for n in ast.walk(tree)
+                   if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id not in known)
+    return calls[0][1] if calls else None
 
 
 def mbpp_row(row):
     """An MBPP row ("full" or "sanitized" config) with a prompt naming the function and showing its first test."""
     row = dict(row)
-    task, tests = row.pop("text", None) or row.get("prompt"), list(row.get("test_list") or [])
-    name = mbpp_function(tests[0]) if tests else None
+    task, tests = row.pop("text", None) or row.get("prompt") or "", list(row.get("test_list") or [])
+    imports = "\n".join([row.get("test_setup_code") or "", *(row.get("test_imports") or [])])
+    name = mbpp_function(tests[0], imports) if tests else None
     row["prompt"] = (f"{task.strip()}\n"
                      + (f"Write a Python function named `{name}`. Your code should pass this test:\n{tests[0]}\n"
                         if name else "")
@@ -60,10 +67,10 @@ def mbpp_row(row):
     return row
 
 
-GSM8K = {"config_name": "main", "columns": {"question": "prompt", "answer": "reference"},
+GSM8K = {"needs": ("question", "answer"), "config_name": "main", "columns": {"question": "prompt", "answer": "reference"},
          "extract": {"answer": extract_gsm8k}}
-MBPP = {"row": mbpp_row, "columns": {"prompt": "prompt", "code": "reference"}}  # test_list etc. reach the rewards
-MATH = {"columns": {"problem": "prompt", "solution": "reference"}, "extract": {"solution": extract_boxed}}
+MBPP = {"needs": ("test_list", "code"), "row": mbpp_row, "columns": {"prompt": "prompt", "code": "reference"}}  # test_list etc. reach the rewards
+MATH = {"needs": ("problem", "solution"), "columns": {"problem": "prompt", "solution": "reference"}, "extract": {"solution": extract_boxed}}
 PRESETS = {"gsm8k": GSM8K, "toy": GSM8K, "mbpp": MBPP, "math": MATH, "competition_math": MATH,
            "hendrycks_math": MATH}
 
@@ -210,30 +217,32 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
 
     source: a Hub name, a .json/.jsonl/.csv/.parquet file (one "train" split), a folder (save_to_disk
     or data files), a list of dicts, or "toy" (toy_task of max_samples or 2000 rows, seeded by `seed`).
-    Presets (preset_for) give Hub names, "toy" and local folders named like a preset ("mbpp/") their
-    config_name, row builder (MBPP's prompt), column mapping and reference extraction; a user column_mapping ({source column: "prompt" | "reference" | new name}) replaces
-    the preset's mapping. Unmapped roles are auto-detected from PROMPT_ALIASES / REFERENCE_ALIASES.
+    Presets (preset_for) give Hub names, "toy", and local folders named like a preset ("mbpp/") that
+    hold its columns, their config_name, row builder (MBPP's prompt), column mapping and reference
+    extraction; a user column_mapping ({source column: "prompt" | "reference" | new name}) replaces
+    the preset's mapping and row builder. Unmapped roles are auto-detected from PROMPT_ALIASES / REFERENCE_ALIASES.
     max_samples keeps the first n rows of `split`, before eval carving. eval comes from eval_split
     (capped to eval_size rows when > 0) or, failing that, eval_size rows carved off train by a seeded
     shuffle. Train never shares a prompt with eval: overlapping train rows are dropped and logged.
     """
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
-    preset = {}
-    if isinstance(source, str) and (not os.path.exists(source) or os.path.isdir(source)):
+    preset, local = {}, isinstance(source, str) and os.path.isdir(source)
+    if isinstance(source, str) and (local or not os.path.exists(source)):
         preset = preset_for(os.path.basename(os.path.normpath(source))) or {}
     config_name = config_name or preset.get("config_name")
-    mapping = column_mapping or preset.get("columns")
-    extract = preset.get("extract", {})
     user_fn = _resolve_fn(processing_fn)
-    row_fn = None if column_mapping else preset.get("row")  # a preset's row builder goes with its mapping
-    fn = (lambda r: user_fn(row_fn(r))) if row_fn and user_fn else row_fn or user_fn
 
     def examples(split_, cap):
         table = _load(source, config_name, split_, seed, max_samples)
         if cap is not None:
             table = table.select(range(min(cap, len(table)))) if isinstance(table, Dataset) else table[:cap]
         rows = table.to_list() if isinstance(table, Dataset) else table
-        return _to_examples([fn(r) for r in rows] if fn else rows, mapping, extract)
+        use = preset and not (local and rows and not set(preset["needs"]) <= rows[0].keys())  # a folder of other data
+        row_fn = preset["row"] if use and "row" in preset and not column_mapping else None
+        rows = [row_fn(r) for r in rows] if row_fn else rows
+        rows = [user_fn(r) for r in rows] if user_fn else rows
+        return _to_examples(rows, column_mapping or (preset["columns"] if use else None),
+                            preset.get("extract", {}) if use else {})
 
     train = examples(split, max_samples)
     if eval_split is not None:

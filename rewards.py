@@ -432,7 +432,8 @@ _LENGTH_UNITS = ("words", "chars")
 
 
 def _check_length(min_length=None, max_length=None, target_length=None, unit="words"):
-    for name, v, least in (("min_length", min_length, 0), ("max_length", max_length, 1), ("target_length", target_length, 1)):
+    for name, v, least in (("min_length", min_length, 0), ("max_length", max_length, 1),
+                           ("target_length", target_length, 1)):
         if v is not None and (not _is_number(v) or v < least):
             raise ValueError(f"length: {name} must be a number >= {least}, got {v!r}")
     if min_length is not None and max_length is not None and min_length > max_length:
@@ -440,7 +441,8 @@ def _check_length(min_length=None, max_length=None, target_length=None, unit="wo
     if target_length is not None and (min_length is not None or max_length is not None):
         raise ValueError("length: give target_length or min_length/max_length, not both")
     if unit not in _LENGTH_UNITS:
-        raise ValueError(f"length: unit must be one of {_LENGTH_UNITS}, got {unit!r}{_did_you_mean(unit, _LENGTH_UNITS)}")
+        raise ValueError(f"length: unit must be one of {_LENGTH_UNITS}, got {unit!r}"
+                         f"{_did_you_mean(unit, _LENGTH_UNITS)}")
 
 
 @register("length", check=_check_length)
@@ -495,8 +497,9 @@ def _sentences(text):
 
 
 def _lexicon(*phrases):
-    """A case-insensitive regex matching any of the phrases as whole words (spaces match any whitespace)."""
-    alts = sorted((r"\s+".join(map(re.escape, p.split())) for p in phrases), key=len, reverse=True)
+    """A case-insensitive regex matching any of the phrases as whole words (spaces match any whitespace, ' also ’)."""
+    alts = sorted((r"\s+".join(re.escape(w).replace("'", "['\u2019]") for w in p.split()) for p in phrases),
+                  key=len, reverse=True)
     return re.compile(r"(?<![\w'])(?:" + "|".join(alts) + r")(?![\w'])", re.IGNORECASE)
 
 
@@ -530,8 +533,8 @@ def _coverage(text, source):
     return len(want & _content(text)) / len(want) if want else None
 
 
-_CONTRA_CLAIM = re.compile(r"\b([a-z][a-z ]{0,40}?)\s+(is|are|was|were|can|will|does|do)\s+(not\s+|n't\s+|never\s+)?"
-                           r"([a-z]+(?:\s+[a-z]+)?)\b", re.IGNORECASE)
+_CONTRA_CLAIM = re.compile(r"\b([a-z][a-z ]{0,40}?)\s+(is|are|was|were|can|will|does|do)(n't|not)?\s+(not\s+|never\s+)?"
+                           r"([a-z]+)\b")
 
 
 @register("logical_consistency")
@@ -539,14 +542,14 @@ def logical_consistency(text, reference=None, **kwargs):
     """Self-consistency: no claim stated both with and without a negation.
 
     Whether the text contradicts itself: 1 - (contradicted claims / claims), in [0, 1]. A claim is a
-    clause "<subject> is|are|was|were|can|will|does|do [not] <one or two words>"; two claims contradict
-    when they share subject and predicate and differ in negation ("x is even" ... "x is not even").
-    1.0 for a text with no such claims.
+    clause "<subject> is|are|was|were|can|will|does|do [not|n't|never] <word>" ("cannot" included,
+    apostrophes straight or curly); two claims contradict when they share subject, verb and that
+    word and differ in negation ("x is even" ... "x isn't even"). 1.0 for a text with no such claims.
     """
     claims = {}
-    for m in _CONTRA_CLAIM.finditer(text.lower()):
+    for m in _CONTRA_CLAIM.finditer(text.lower().replace("\u2019", "'")):
         subject = m[1].split()[-1]  # the head word: "the number x" -> "x"
-        claims.setdefault((subject, m[2], m[4]), set()).add(bool(m[3]))
+        claims.setdefault((subject, m[2], m[5]), set()).add(bool(m[3] or m[4]))
     if not claims:
         return 1.0
     return 1.0 - sum(len(v) == 2 for v in claims.values()) / len(claims)
@@ -637,8 +640,8 @@ def readability(text, reference=None, **kwargs):
     """Flesch reading ease, scaled to [0, 1].
 
     Flesch reading ease, 206.835 - 1.015 (words / sentences) - 84.6 (syllables / words), clipped to
-    [0, 100] and divided by 100, so in [0, 1] (0.6 to 0.7 is plain English; higher is easier). Numbers
-    count as words of one syllable. 0.0 for text without words.
+    [0, 100] and divided by 100, so in [0, 1] (0.6 to 0.7 is plain English; higher is easier). Only
+    words that start with a letter count (numbers are left out). 0.0 for text without words.
     """
     words = [w for w in _words(text) if w[0].isalpha()]
     if not words:
@@ -765,13 +768,14 @@ def harmlessness(text, reference=None, **kwargs):
 
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*(?![\w])")
-_NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*\b")
+_NAME = re.compile(r"(?<![.!?]\s)(?<![\n\-*•]\s)(?<!^)(?<!\n)\b[A-Z][a-z]+(?:[ \t]+[A-Z][a-z]+)*\b")
 
 
 def _facts(text):
-    """Checkable facts of text: its numbers (commas dropped) and its capitalised names, not sentence-initial."""
+    """Checkable facts of text: its numbers (commas dropped) and its capitalised names, not at the start of a
+    sentence, line or bullet, and not stop words."""
     nums = {n.replace(",", "") for n in _NUMBER.findall(text)}
-    names = {m.lower() for m in _NAME.findall(text.strip())}
+    names = {m.lower() for m in _NAME.findall(text.strip()) if m.lower() not in _STOP}
     return nums | names
 
 
@@ -795,8 +799,9 @@ def hallucination(text, reference=None, **kwargs):
     facts = _facts(text)
     if not facts:
         return 1.0
-    have = _facts(source) | set(_words(source))
-    return sum(f in have or f.replace(" ", "") in have for f in facts) / len(facts)
+    numbers, lower = {n.replace(",", "") for n in _NUMBER.findall(source)}, source.lower()
+    return sum(f in numbers or re.search(r"(?<![\w.])" + re.escape(f) + r"(?![\w])", lower) is not None
+               for f in facts) / len(facts)
 
 
 _OVERCLAIM = _lexicon("guaranteed", "100% sure", "100% certain", "absolutely certain", "definitely true",
@@ -833,53 +838,69 @@ def _int(s):
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 
 
+_CMP = {"at most": int.__le__, "no more than": int.__le__, "under": int.__lt__, "fewer than": int.__lt__,
+        "less than": int.__lt__, "at least": int.__ge__, "over": int.__gt__, "more than": int.__gt__}
+_IF_WORDS = re.compile(rf"\b(at most|at least|no more than|fewer than|less than|under|over|more than|exactly|in)"
+                       rf"\s+{_N}\s+words?\b")
+_IF_SENTENCES = re.compile(rf"\b(at most|at least|exactly|in|no more than)\s+{_N}\s+sentences?\b")
+_IF_BULLETS = re.compile(rf"\b{_N}\s+(?:bullet\s+points|bullets|bulleted\s+items|items|points)\b")
+_IF_PARAGRAPHS = re.compile(rf"\b{_N}\s+paragraphs?\b")
+_IF_JSON = re.compile(r"\b(?:in|as|valid)\s+json\b")
+_IF_LOWER = re.compile(r"\ball\s+(?:in\s+)?(?:lower\s*case|lowercase)\b|\bno\s+capital\s+letters\b")
+_IF_UPPER = re.compile(r"\ball\s+(?:in\s+)?(?:upper\s*case|uppercase|capital\s+letters|caps)\b")
+_IF_FORBID = re.compile(r"\b(?:do not|don't|never|without)\s+(?:use|using|say|saying|mention|mentioning)\s+"
+                        r"(?:the\s+(?:word|term|phrase)\s+[\"']?([a-z][\w-]*)|[\"']([^\"']+)[\"'])")
+_IF_COMMAS = re.compile(r"\b(?:no|without|(?:do not|don't)\s+use(?:\s+any)?)\s+commas\b")
+_IF_INCLUDE = re.compile(r"(?<!not\s)(?<!n't\s)(?<!never\s)(?<!without\s)\b(?:include|use|mention)\s+the\s+"
+                         r"(?:key)?words?\s+((?:[\"'][^\"']+[\"'][\s,and]*)+)")
+_IF_END = re.compile(r"\b(?:end|finish)\s+(?:your\s+(?:answer|response)\s+)?with\s+(?:the\s+phrase\s+)?"
+                     r"[\"']([^\"']+)[\"']")
+_IF_START = re.compile(r"\b(?:start|begin)\s+(?:your\s+(?:answer|response)\s+)?with\s+"
+                       r"(?:the\s+(?:phrase|word)\s+)?[\"']([^\"']+)[\"']")
+_QUOTED = re.compile(r"[\"']([^\"']+)[\"']")
+
+
+def _is_json(text):
+    """Whether text (or its one fenced block) is valid JSON."""
+    try:
+        json.loads(re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip()))
+        return True
+    except ValueError:
+        return False
+
+
+def _paragraphs(text):
+    return len([p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()])
+
+
 def _constraints(instruction):
     """The verifiable constraints an instruction states, as (description, check(text) -> bool) pairs."""
     ins, out = instruction.lower(), []
-
-    def add(desc, check):
-        out.append((desc, check))
-
-    for kind, n in re.findall(rf"\b(at most|at least|no more than|fewer than|less than|under|over|more than|exactly|in)"
-                              rf"\s+{_N}\s+words?\b", ins):
-        n, f = _int(n), {"at most": int.__le__, "no more than": int.__le__, "under": int.__lt__,
-                         "fewer than": int.__lt__, "less than": int.__lt__, "at least": int.__ge__,
-                         "over": int.__gt__, "more than": int.__gt__}.get(kind)
-        add(f"{kind} {n} words", (lambda t, n=n, f=f: f(len(t.split()), n)) if f else
-            (lambda t, n=n: abs(len(t.split()) - n) <= max(1, n // 10)))
-    for kind, n in re.findall(rf"\b(at most|at least|exactly|in|no more than)\s+{_N}\s+sentences?\b", ins):
-        n, f = _int(n), {"at most": int.__le__, "no more than": int.__le__, "at least": int.__ge__}.get(kind, int.__eq__)
-        add(f"{kind} {n} sentences", lambda t, n=n, f=f: f(len(_sentences(t)), n))
-    for n in re.findall(rf"\b{_N}\s+(?:bullet\s+points|bullets|bulleted\s+items|items|points)\b", ins):
-        add(f"{n} bullet points", lambda t, n=_int(n): len(_BULLET.findall(t)) == n)
-    for n in re.findall(rf"\b{_N}\s+paragraphs?\b", ins):
-        add(f"{n} paragraphs", lambda t, n=_int(n): len([p for p in re.split(r"\n\s*\n", t.strip()) if p.strip()]) == n)
-    if re.search(r"\b(?:in|as|valid)\s+json\b", ins):
-        def is_json(t):
-            import json
-            body = re.sub(r"^```(?:json)?\s*|\s*```$", "", t.strip())
-            try:
-                json.loads(body)
-                return True
-            except ValueError:
-                return False
-        add("JSON", is_json)
-    if re.search(r"\ball\s+(?:in\s+)?(?:lower\s*case|lowercase)\b|\bno\s+capital\s+letters\b", ins):
-        add("lowercase", lambda t: t == t.lower() and any(c.isalpha() for c in t))
-    if re.search(r"\ball\s+(?:in\s+)?(?:upper\s*case|uppercase|capital\s+letters|caps)\b", ins):
-        add("uppercase", lambda t: t == t.upper() and any(c.isalpha() for c in t))
-    for word in re.findall(r"\b(?:do not|don't|never|without)\s+(?:use|using|say|saying|mention|mentioning)\s+"
-                           r"(?:the\s+word\s+)?[\"']?([a-z][\w-]*)", ins):
-        add(f"no {word!r}", lambda t, w=word: not _lexicon(w).search(t))
-    for group in re.findall(r"(?<!not\s)(?<!n't\s)(?<!never\s)(?<!without\s)\b(?:include|use|mention)\s+the\s+(?:key)?words?\s+((?:[\"'][^\"']+[\"'][\s,and]*)+)", ins):
-        for word in re.findall(r"[\"']([^\"']+)[\"']", group):
-            add(f"uses {word!r}", lambda t, w=word: bool(_lexicon(w).search(t)))
-    for phrase in re.findall(r"\b(?:end|finish)\s+(?:your\s+(?:answer|response)\s+)?with\s+(?:the\s+phrase\s+)?"
-                             r"[\"']([^\"']+)[\"']", ins):
-        add(f"ends with {phrase!r}", lambda t, p=phrase: t.strip().lower().rstrip(".!").endswith(p.rstrip(".!")))
-    for phrase in re.findall(r"\b(?:start|begin)\s+(?:your\s+(?:answer|response)\s+)?with\s+(?:the\s+(?:phrase|word)\s+)?"
-                             r"[\"']([^\"']+)[\"']", ins):
-        add(f"starts with {phrase!r}", lambda t, p=phrase: t.strip().lower().startswith(p))
+    for kind, n in _IF_WORDS.findall(ins):
+        n, f = _int(n), _CMP.get(kind)
+        out.append((f"{kind} {n} words", (lambda t, n=n, f=f: f(len(t.split()), n)) if f else
+                    (lambda t, n=n: abs(len(t.split()) - n) <= max(1, n // 10))))  # "in / exactly N": within 10%
+    for kind, n in _IF_SENTENCES.findall(ins):
+        n, f = _int(n), _CMP.get(kind, int.__eq__)
+        out.append((f"{kind} {n} sentences", lambda t, n=n, f=f: f(len(_sentences(t)), n)))
+    out += [(f"{n} bullet points", lambda t, n=_int(n): len(_BULLET.findall(t)) == n) for n in _IF_BULLETS.findall(ins)]
+    out += [(f"{n} paragraphs", lambda t, n=_int(n): _paragraphs(t) == n) for n in _IF_PARAGRAPHS.findall(ins)]
+    if _IF_JSON.search(ins):
+        out.append(("JSON", _is_json))
+    if _IF_LOWER.search(ins):
+        out.append(("lowercase", lambda t: t == t.lower() and any(c.isalpha() for c in t)))
+    if _IF_UPPER.search(ins):
+        out.append(("uppercase", lambda t: t == t.upper() and any(c.isalpha() for c in t)))
+    for named, quoted in _IF_FORBID.findall(ins):
+        out.append((f"no {named or quoted!r}", lambda t, w=named or quoted: not _lexicon(w).search(t)))
+    if _IF_COMMAS.search(ins):
+        out.append(("no commas", lambda t: "," not in t))
+    for group in _IF_INCLUDE.findall(ins):
+        out += [(f"uses {w!r}", lambda t, w=w: bool(_lexicon(w).search(t))) for w in _QUOTED.findall(group)]
+    for p in _IF_END.findall(ins):
+        out.append((f"ends with {p!r}", lambda t, p=p: t.strip().lower().rstrip(".!").endswith(p.rstrip(".!"))))
+    for p in _IF_START.findall(ins):
+        out.append((f"starts with {p!r}", lambda t, p=p: t.strip().lower().startswith(p)))
     return out
 
 
@@ -890,16 +911,18 @@ def instruction_following(text, reference=None, **kwargs):
     The fraction of the instruction's verifiable constraints that the text meets, in [0, 1] (in the
     spirit of IFEval). The instruction is the row's `instruction` column, else its prompt. Constraints
     read: word counts (at most / at least / exactly N words), sentence counts, N bullet points, N
-    paragraphs, JSON output, all lowercase / uppercase, "do not use the word X", "include the keywords
-    'a', 'b'", "end with 'X'", "start with 'X'". 1.0 when the instruction states none of these.
+    paragraphs, JSON output, all lowercase / uppercase, "do not use the word X" (or a quoted 'X'), no
+    commas, "include the keywords 'a', 'b'", "end with 'X'", "start with 'X'". 1.0 when the
+    instruction states none of these.
     """
     checks = _constraints(_text_of(kwargs.get("instruction") or kwargs.get("prompt")))
     return sum(check(text) for _, check in checks) / len(checks) if checks else 1.0
 
 
 _REFUSAL = _lexicon("i can't help", "i cannot help", "i can't assist", "i cannot assist", "i'm unable to",
-                    "i am unable to", "i won't", "i will not", "as an ai", "i don't know", "i do not know",
-                    "i can't answer", "i cannot answer", "i'm not able to", "i am not able to")
+                    "i am unable to", "i won't help", "i will not help", "i won't answer", "as an ai",
+                    "i don't know", "i do not know", "i can't answer", "i cannot answer", "i'm not able to",
+                    "i am not able to")
 
 
 def _check_helpfulness(min_words=20):
@@ -911,12 +934,13 @@ def _check_helpfulness(min_words=20):
 def helpfulness(text, reference=None, min_words=20, **kwargs):
     """Not a refusal, covers the prompt, and has substance.
 
-    Whether the text takes the request on, in [0, 1]: 0.0 for a refusal or non-answer (i can't help,
-    i'm unable to, as an ai, i don't know, ...); otherwise the mean of how much of the prompt's content
+    Whether the text takes the request on, in [0, 1]: 0.0 when its first sentence refuses or gives up
+    (i can't help, i'm unable to, as an ai, i don't know, ...); otherwise the mean of how much of the prompt's content
     it addresses (the fraction of the prompt's content words it uses; 1.0 without a prompt) and its
     substance, min(1, words / min_words) (default 20).
     """
-    if not text.strip() or _REFUSAL.search(text):
+    sents = _sentences(text)
+    if not sents or _REFUSAL.search(sents[0]):
         return 0.0
     cover = _coverage(text, _text_of(kwargs.get("prompt")))
     return 0.5 * (1.0 if cover is None else cover) + 0.5 * min(1.0, len(text.split()) / min_words)
@@ -941,7 +965,8 @@ def politeness(text, reference=None, **kwargs):
 
 
 def _check_relevance(keywords=None):
-    if keywords is not None and (isinstance(keywords, str) or not all(isinstance(k, str) and k.strip() for k in keywords)):
+    if keywords is not None and (isinstance(keywords, str)
+                                 or not all(isinstance(k, str) and k.strip() for k in keywords)):
         raise ValueError(f"relevance: keywords must be a list of non-empty strings, got {keywords!r}")
 
 
@@ -1005,9 +1030,9 @@ def medical_accuracy(text, reference=None, **kwargs):
     return _domain(text, reference, _MED_FLAGS, _MED_CAUTION)
 
 
-_LEGAL_FLAGS = _lexicon("get away with", "legal loophole", "loophole", "evade taxes", "tax evasion", "avoid getting caught",
-                        "no one will find out", "nobody will find out", "destroy evidence", "hide the evidence",
-                        "lie to the police", "lie under oath", "forge", "forged")
+_LEGAL_FLAGS = _lexicon("get away with", "legal loophole", "loophole", "evade taxes", "tax evasion",
+                        "avoid getting caught", "no one will find out", "nobody will find out", "destroy evidence",
+                        "hide the evidence", "lie to the police", "lie under oath", "forge", "forged")
 _LEGAL_CAUTION = _lexicon("not legal advice", "consult a lawyer", "consult an attorney", "consult a solicitor",
                           "qualified lawyer", "licensed attorney", "legal professional", "depends on your jurisdiction",
                           "varies by jurisdiction", "seek legal advice")
@@ -1020,11 +1045,12 @@ def legal_compliance(text, reference=None, **kwargs):
     A legal-answer proxy, in [0, 1]: the mean of (a) agreement with the reference when there is one
     (as in medical_accuracy), (b) whether it points to a lawyer or to jurisdiction (not legal advice,
     consult an attorney, varies by jurisdiction, ...) and (c), when the row has a `jurisdiction`
-    column, whether the text names that jurisdiction (whole words); times 1 - 0.5 per evasion phrase
-    (get away with, loophole, destroy evidence, tax evasion, ...), floored at 0.
+    column (a name or a list of names), whether the text names one of them (whole words); times
+    1 - 0.5 per evasion phrase (get away with, loophole, destroy evidence, tax evasion, ...), floored
+    at 0.
     """
-    place = _text_of(kwargs.get("jurisdiction")).strip()
-    extra = (float(bool(_lexicon(place).search(text))),) if place else ()
+    places = [p.strip() for p in _text_of(kwargs.get("jurisdiction")).split("\n") if p.strip()]
+    extra = (float(bool(_lexicon(*places).search(text))),) if places else ()
     return _domain(text, reference, _LEGAL_FLAGS, _LEGAL_CAUTION, extra)
 
 
@@ -1032,12 +1058,14 @@ _FIN_FLAGS = _lexicon("guaranteed returns", "guaranteed return", "guaranteed pro
                       "can't lose", "cannot lose", "get rich quick", "double your money", "insider tip",
                       "insider information", "pump and dump", "sure thing", "no risk")
 _FIN_CAUTION = _lexicon("not financial advice", "financial advisor", "financial adviser", "past performance",
-                        "do your own research", "diversify", "diversification", "risk tolerance", "consult a professional")
-_ARITH = re.compile(r"(-?\d[\d,]*(?:\.\d+)?)\s*([-+*/×x÷])\s*(-?\d[\d,]*(?:\.\d+)?)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
+                        "do your own research", "diversify", "diversification", "risk tolerance",
+                        "consult a professional")
+_AMOUNT = r"(-?(?<![\d,.])\d[\d,]{0,20}(?:\.\d{1,12})?)"  # anchored and bounded: no quadratic backtracking
+_ARITH = re.compile(_AMOUNT + r"\s*([-+*/×x÷])\s*" + _AMOUNT + r"\s*=\s*\$?" + _AMOUNT)
 
 
 def _arithmetic(text):
-    """The fraction of stated "a op b = c" computations that are right (to a relative 1e-2, for rounding); None if none."""
+    """The share of stated "a op b = c" computations that are right (to 1%, for rounding); None if none."""
     ok = []
     for a, op, b, c in _ARITH.findall(text):
         a, b, c = (float(x.replace(",", "")) for x in (a, b, c))
@@ -1095,9 +1123,11 @@ def _require(module, pip, reward):
 def _check_bleu(tokenize="13a", smooth_method="exp", lowercase=False):
     sacrebleu = _require("sacrebleu", "sacrebleu", "bleu")
     if tokenize not in sacrebleu.metrics.BLEU.TOKENIZERS:
-        raise ValueError(f"bleu: unknown tokenize {tokenize!r}{_did_you_mean(tokenize, sacrebleu.metrics.BLEU.TOKENIZERS)}")
+        raise ValueError(f"bleu: unknown tokenize {tokenize!r}"
+                         f"{_did_you_mean(tokenize, sacrebleu.metrics.BLEU.TOKENIZERS)}")
     if smooth_method not in sacrebleu.metrics.BLEU.SMOOTH_DEFAULTS:
-        raise ValueError(f"bleu: unknown smooth_method {smooth_method!r}; one of {', '.join(sacrebleu.metrics.BLEU.SMOOTH_DEFAULTS)}")
+        raise ValueError(f"bleu: unknown smooth_method {smooth_method!r}; "
+                         f"one of {', '.join(sacrebleu.metrics.BLEU.SMOOTH_DEFAULTS)}")
 
 
 @register("bleu", check=_check_bleu, extra="sacrebleu")
@@ -1109,12 +1139,12 @@ def bleu(text, reference=None, tokenize="13a", smooth_method="exp", lowercase=Fa
     (default "exp"), `tokenize` (default "13a", sacrebleu's standard), `lowercase`. A list reference
     counts as several references. 0.0 without a reference. Needs: pip install sacrebleu.
     """
-    refs = [r for r in (reference if isinstance(reference, (list, tuple)) else [reference]) if r]
+    refs = _refs(reference)
     if not refs:
         return 0.0
     from sacrebleu.metrics import BLEU
     metric = BLEU(tokenize=tokenize, smooth_method=smooth_method, lowercase=lowercase, effective_order=True)
-    return min(1.0, metric.sentence_score(text, [str(r) for r in refs]).score / 100.0)
+    return min(1.0, metric.sentence_score(text, refs).score / 100.0)
 
 
 _ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -1132,9 +1162,16 @@ def _rouge_scorer(rouge_type, use_stemmer):
     return rouge_scorer.RougeScorer([rouge_type], use_stemmer=use_stemmer)
 
 
+def _refs(reference):
+    """A reference as a list of non-empty strings: a list counts as several references."""
+    refs = reference if isinstance(reference, (list, tuple)) else [reference]
+    return [str(r) for r in refs if r is not None and str(r).strip()]
+
+
 def _rouge_batch(texts, references, rows, rouge_type="rougeL", use_stemmer=True):
     scorer = _rouge_scorer(rouge_type, use_stemmer)
-    return [scorer.score(str(r), t)[rouge_type].fmeasure if r else 0.0 for t, r in zip(texts, references)]
+    return [scorer.score_multi(refs, t)[rouge_type].fmeasure if (refs := _refs(r)) else 0.0
+            for t, r in zip(texts, references)]
 
 
 @register("rouge", check=_check_rouge, batch=_rouge_batch, extra="rouge-score")
@@ -1143,7 +1180,8 @@ def rouge(text, reference=None, rouge_type="rougeL", use_stemmer=True, **kwargs)
 
     ROUGE F1 of the text against the reference, by Google's rouge-score: `rouge_type` "rougeL" (longest
     common subsequence, the default), "rouge1", "rouge2" or "rougeLsum"; Porter stemming when
-    `use_stemmer` (default True). In [0, 1]; 0.0 without a reference. Needs: pip install rouge-score.
+    `use_stemmer` (default True). In [0, 1]; a list reference scores against its best match; 0.0
+    without a reference. Needs: pip install rouge-score.
     """
     return _rouge_batch([text], [reference], [kwargs], rouge_type, use_stemmer)[0]
 
@@ -1163,14 +1201,16 @@ def meteor(text, reference=None, alpha=0.9, beta=3.0, gamma=0.5, **kwargs):
 
     METEOR of the text against the reference, by NLTK (exact, Porter-stem and WordNet-synonym matches,
     fragmentation penalty; alpha, beta, gamma as in NLTK), in [0, 1]. Words are lower-cased runs of
-    letters and digits. 0.0 without a reference. Needs: pip install nltk, and the wordnet data
-    (python -m nltk.downloader wordnet), which is never fetched at run time.
+    letters and digits; a list reference counts as several references. 0.0 without a reference.
+    Needs: pip install nltk, and the wordnet data (python -m nltk.downloader wordnet), which is never
+    fetched at run time.
     """
-    if not reference:
+    refs = _refs(reference)
+    if not refs:
         return 0.0
     from nltk.corpus import wordnet
     from nltk.translate.meteor_score import meteor_score
-    return float(meteor_score([_words(str(reference))], _words(text), wordnet=wordnet,
+    return float(meteor_score([_words(r) for r in refs], _words(text), wordnet=wordnet,
                               alpha=alpha, beta=beta, gamma=gamma))
 
 
@@ -1325,7 +1365,8 @@ def _semantic_batch(texts, references, rows, model_name="sentence-transformers/a
     return out
 
 
-@register("semantic_similarity", check=_probe("semantic_similarity", _semantic_batch), batch=_semantic_batch, extra="model sentence-transformers/all-MiniLM-L6-v2")
+@register("semantic_similarity", check=_probe("semantic_similarity", _semantic_batch), batch=_semantic_batch,
+          extra="model sentence-transformers/all-MiniLM-L6-v2")
 def semantic_similarity(text, reference=None, model_name="sentence-transformers/all-MiniLM-L6-v2", batch_size=32,
                         device=None, **kwargs):
     """Cosine similarity of sentence embeddings of the text and the reference.
@@ -1397,7 +1438,8 @@ def _toxicity_batch(texts, references, rows, model_name="unitary/toxic-bert", to
     return [1.0 - x if threshold is None else float(x < threshold) for x in p]
 
 
-@register("toxicity", check=_probe("toxicity", _toxicity_batch), batch=_toxicity_batch, extra="model unitary/toxic-bert")
+@register("toxicity", check=_probe("toxicity", _toxicity_batch), batch=_toxicity_batch,
+          extra="model unitary/toxic-bert")
 def toxicity(text, reference=None, model_name="unitary/toxic-bert", toxic_labels=None, threshold=None, batch_size=32,
              device=None, **kwargs):
     """1 - the probability of toxicity from a text classifier: high for non-toxic text.
@@ -2062,7 +2104,8 @@ def _custom(fn):
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"custom reward {fn!r} cannot be imported ({e}); give 'module:function' on the path") from None
+            raise ValueError(f"custom reward {fn!r} cannot be imported ({e}); "
+                             "give 'module:function' on the path") from None
     if not callable(fn):
         raise ValueError(f"a custom reward needs params.reward_function: a callable f(text, reference=None, **kwargs) "
                          f"or a 'module:function' string, got {fn!r}")

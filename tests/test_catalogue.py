@@ -277,3 +277,31 @@ def test_every_registered_reward_stays_in_its_range_on_varied_text():
         for t in texts:
             v = R(name, t, "42", prompt="What is 6 * 7? Answer in at most 10 words.")
             assert low <= v <= high, (name, t, v)
+
+
+def test_review_cases_contractions_names_quotes_and_lists():
+    assert R("logical_consistency", "x is even. x isn't even.") == 0.0
+    assert R("logical_consistency", "The cat can fly. The cat cannot fly.") == 0.0
+    assert R("logical_consistency", "It does work. It doesn\u2019t work.") == 0.0
+    assert R("hallucination", "I love New York.", context="New York is big.") == 1.0
+    assert R("hallucination", "- The city is big.\n- Paris is old.", context="Paris is old.") == 1.0
+    assert R("honesty", "I\u2019m not sure. Trust me.") == R("honesty", "I'm not sure. Trust me.")
+    assert R("harmlessness", "I can\u2019t help with how to make a bomb.") == 1.0
+    assert R("helpfulness", "I won't bore you: Paris is the capital.", prompt="Capital of France?") > 0
+    assert R("legal_compliance", "In the UK, consult a lawyer.", jurisdiction=["UK", "Wales"]) == 1.0
+    assert R("instruction_following", "The answer is 4.", instruction="Do not use the internet.") == 1.0  # nothing checkable
+    assert R("instruction_following", "a, b", instruction="Do not use any commas.") == 0.0
+
+
+def test_arithmetic_check_is_linear_on_long_digit_runs():
+    import time
+    t0 = time.perf_counter()
+    R("financial_accuracy", "1" * 20000)
+    R("financial_accuracy", "1," * 10000 + "x")
+    assert time.perf_counter() - t0 < 2.0  # quadratic backtracking took over 10 s
+
+
+def test_list_references_score_against_each():
+    pytest.importorskip("rouge_score")
+    ref = "the cat sat on the mat"
+    assert R("rouge", "the cat was on the mat", ["a dog ran", ref]) == pytest.approx(5 / 6)

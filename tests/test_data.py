@@ -234,3 +234,20 @@ def test_mbpp_preset_names_the_function_and_keeps_the_tests(tmp_path):
     # a user mapping replaces the preset, row builder included
     train, _ = data.load_examples(str(folder), column_mapping={"text": "prompt", "code": "reference"})
     assert train[0]["prompt"] == MBPP_ROWS[0]["text"]
+
+
+def test_a_local_folder_named_like_a_preset_without_its_columns_loads_as_plain_data(tmp_path):
+    folder = tmp_path / "math"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"prompt": "1+1?", "reference": "2"}) + "\n")
+    train, _ = data.load_examples(str(folder))
+    assert train == [{"prompt": "1+1?", "reference": "2"}]
+
+
+def test_mbpp_function_skips_keywords_builtins_and_imports():
+    assert data.mbpp_function("assert (k(1)) == 2") == "k"
+    assert data.mbpp_function("assert list(map(str, g(3))) == ['1']") == "g"
+    assert data.mbpp_function("assert type(m(1)) == int") == "m"
+    assert data.mbpp_function("assert Counter(c(1)) == 1", "from collections import Counter") == "c"
+    assert data.mbpp_function("not python (") is None
+    assert "named" not in data.mbpp_row({"test_list": []})["prompt"]
