@@ -34,6 +34,13 @@ class Config:
     max_seq_length: int = _f(512, "longest prompt+completion the model is asked to handle (checked against its context)", "model")
     enable_thinking: Optional[bool] = _f(None, "passed to the chat template (Qwen3 thinking mode); None leaves the template's default", "model")
     device: str = _f("auto", "auto / cpu / cuda / cuda:N", "model")
+    # lora
+    use_lora: bool = _f(False, "train LoRA adapters instead of every weight; the reference policy is the base with adapters off", "lora")
+    lora_r: int = _f(64, "adapter rank", "lora")
+    lora_alpha: float = _f(64, "adapter scale numerator: scaling = alpha / r (alpha / sqrt(r) with use_rslora)", "lora")
+    lora_dropout: float = _f(0.05, "dropout on the adapter's input while learning (the sampler runs without it)", "lora")
+    lora_target_modules: Any = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear leaf names to adapt, or 'all-linear' (every Linear but lm_head)", "lora")
+    use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)", "lora")
     # data
     dataset_name: Any = _f("openai/gsm8k", "Hub name, local file/folder (json/jsonl/csv/parquet), 'toy', or a list of dicts", "data")
     dataset_config: Optional[str] = _f(None, "dataset config name (gsm8k's is 'main'; presets fill it)", "data")
@@ -287,6 +294,15 @@ def validate(cfg):
         raise ValueError(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.max_steps <= 0 and cfg.num_epochs < 1:
         raise ValueError("set max_steps > 0 or num_epochs >= 1")
+    if cfg.use_lora:
+        if cfg.lora_r < 1 or not cfg.lora_alpha > 0 or not 0 <= cfg.lora_dropout < 1:
+            raise ValueError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1; got lora_r={cfg.lora_r}, "
+                             f"lora_alpha={cfg.lora_alpha}, lora_dropout={cfg.lora_dropout}")
+        targets = cfg.lora_target_modules
+        if not (isinstance(targets, str) and targets.strip() or isinstance(targets, (list, tuple)) and targets
+                and all(isinstance(t, str) and t for t in targets)):
+            raise ValueError(f"lora_target_modules={targets!r} must be 'all-linear' or Linear names like "
+                             "['q_proj', 'v_proj'] (or 'q_proj,v_proj')")
     if cfg.save_total_limit < 1:
         raise ValueError(f"save_total_limit={cfg.save_total_limit} must be at least 1")
     if (cfg.batch_size * cfg.num_generations) % cfg.gradient_accumulation_steps:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import config as config_lib
 import data
+import lora
 import rewards as rewards_lib
 from logprobs import completion_logprobs, completion_loss
 from mirror import NeuralMirror, divergence
@@ -54,12 +55,12 @@ def resolve_device(cfg):
     return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def load_model(name, device, cfg):
-    """A causal LM and its tokenizer through from_pretrained, with a clear error when missing."""
+def load_model(name, device, cfg, dtype=torch.float32):
+    """A causal LM (weights in `dtype`) and its tokenizer through from_pretrained, with a clear error when missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name or name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as e:
         raise ValueError(f"model_name={name!r} could not be loaded ({str(e).splitlines()[0]}): give a local "
                          "folder with config.json and weights, or a Hub name while online") from None
@@ -80,6 +81,12 @@ def load_model(name, device, cfg):
     if hasattr(model.config, "attention_dropout"):
         model.config.attention_dropout = 0.0
     return model.to(device).train(), tokenizer
+
+
+def lora_targets(cfg):
+    """lora_target_modules as inject takes it: 'all-linear' or a list ('q_proj,v_proj' is split)."""
+    t = cfg.lora_target_modules
+    return t if t == "all-linear" else [x.strip() for x in t.split(",")] if isinstance(t, str) else list(t)
 
 
 def stop_ids(model, tokenizer):
@@ -116,7 +123,11 @@ def setup(cfg):
     reward_fns = rewards_lib.resolve(cfg.rewards, cfg.reward_functions or
                                      (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights,
                                      device=device)
-    model, tokenizer = load_model(cfg.model_name, device, cfg)
+    # full fine-tuning keeps fp32 master weights under autocast; a LoRA base is frozen, so it is stored in
+    # the run's precision, and its adapters train in fp32
+    model, tokenizer = load_model(cfg.model_name, device, cfg, amp_dtype if cfg.use_lora and amp_dtype else torch.float32)
+    if cfg.use_lora:
+        lora.inject(model, lora_targets(cfg), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
     context = getattr(model.config, "max_position_embeddings", None)
     prompt_cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
     if prompt_cap < 1:
@@ -136,9 +147,11 @@ def setup(cfg):
         ex["text"] = data.render_prompt(tokenizer, ex["prompt"], cfg.system_prompt, cfg.enable_thinking)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
+        if cfg.use_lora:  # the frozen embeddings give no grad to checkpoint through otherwise
+            model.enable_input_require_grads()
     ref_model = None
-    if cfg.divergence_type != "none":  # a frozen copy of the initial weights, never the current ones
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.divergence_type != "none" and not cfg.use_lora:  # a frozen copy of the initial weights
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # (LoRA: the base, adapters off)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         cfg.num_epochs * len(train_set) / (cfg.batch_size * WORLD))
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
@@ -300,15 +313,35 @@ def normaliser(cfg, mask):
     return max(int(mask.sum().item()), 1)  # bnpo, dapo: tokens in the step batch
 
 
-def learn(run, batch, adv, loss_mask):
+def micro_slices(cfg, n):
+    """The gradient_accumulation_steps row slices of a step batch of n completions."""
+    micro = n // cfg.gradient_accumulation_steps
+    return [slice(i, i + micro) for i in range(0, n, micro)]
+
+
+@torch.no_grad()
+def reference_logprobs(run, batch):
+    """The reference policy's log-probs (N, T) of the sampled tokens: the frozen initial weights, or with
+    LoRA the same model with its adapters off; None without a regulariser."""
+    cfg, model = run["cfg"], run["model"]
+    if cfg.divergence_type == "none":
+        return None
+    slices = micro_slices(cfg, batch["ids"].size(0))
+    if not cfg.use_lora:
+        return torch.cat([batch_logprobs(run, run["ref_model"], batch, s)[0] for s in slices])
+    was_training = model.training
+    with lora.adapters_off(model):
+        model.eval()
+        out = torch.cat([batch_logprobs(run, model, batch, s)[0] for s in slices])
+    model.train(was_training)
+    return out
+
+
+def learn(run, batch, adv, loss_mask, ref_logp):
     """num_iterations optimizer updates on one sampled batch; per-token sums for the metrics."""
     cfg, model = run["cfg"], run["model"]
-    n = batch["ids"].size(0)
-    micro = n // cfg.gradient_accumulation_steps
-    slices = [slice(i, i + micro) for i in range(0, n, micro)]
-    ref_logp = old_logp = None
-    if run["ref_model"] is not None:
-        ref_logp = torch.cat([batch_logprobs(run, run["ref_model"], batch, s)[0] for s in slices])  # (N, T)
+    slices = micro_slices(cfg, batch["ids"].size(0))
+    old_logp = None
     if cfg.num_iterations > 1:
         old_logp = torch.cat([batch_logprobs(run, model, batch, s)[0] for s in slices])
     norm = normaliser(cfg, loss_mask)
@@ -356,6 +389,32 @@ def optimizer_step(run):
     return grad_norm
 
 
+@contextlib.contextmanager
+def peak_memory(device, out, phase):
+    """Record into out[phase] the peak memory of the block in MiB: CUDA memory allocated on a GPU, else
+    the process's peak resident set (Linux, whose high-water mark can be reset); None where unknown."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        out[phase] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mib()
+
+
+def _peak_rss_mib():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def step_seed(cfg, step, rank):
     """The sampling seed of (seed, step, rank): runs reproduce and ranks never share noise."""
     return (cfg.seed * 1_000_003 + step * 10_007 + rank) % (2 ** 63)
@@ -368,7 +427,9 @@ def train_step(run):
     idx = data.batch_indices(len(run["train_set"]), cfg.batch_size, step, cfg.seed, RANK, WORLD)
     examples = [run["train_set"][i] for i in idx]
     gen = torch.Generator(run["device"]).manual_seed(step_seed(cfg, step, RANK))
-    batch = rollout(run, examples, cfg.num_generations, generator=gen)
+    peaks = {}
+    with peak_memory(run["device"], peaks, "sample"):
+        batch = rollout(run, examples, cfg.num_generations, generator=gen)
     t1 = time.perf_counter()
     group = [ex for ex in examples for _ in range(cfg.num_generations)]
     reward, columns = score(run, group, batch["texts"])
@@ -379,7 +440,10 @@ def train_step(run):
     loss_mask = batch["mask"] * (~truncated)[:, None] if cfg.mask_truncated_completions else batch["mask"]
     t2 = time.perf_counter()
     lr = run["scheduler"].get_last_lr()[0]  # the rate this step's first update uses
-    sums = learn(run, batch, adv, loss_mask)
+    with peak_memory(run["device"], peaks, "reference"):
+        ref_logp = reference_logprobs(run, batch)
+    with peak_memory(run["device"], peaks, "learn"):
+        sums = learn(run, batch, adv, loss_mask, ref_logp)
     t3 = time.perf_counter()
     tokens = max(loss_mask.sum().item(), 1)
     gen_tokens = lengths.sum().item()
@@ -394,7 +458,8 @@ def train_step(run):
              sampler_logp_gap=sums["logp_gap"] / gen_tokens if gen_tokens else 0.0,
              lr=lr, skipped_steps=run["skipped_steps"],
              tokens_per_s=gen_tokens / (t3 - t0), step_time=t3 - t0,
-             time_sample=t1 - t0, time_score=t2 - t1, time_learn=t3 - t2)
+             time_sample=t1 - t0, time_score=t2 - t1, time_learn=t3 - t2,
+             **{f"memory/{k}_mib": v for k, v in peaks.items() if v is not None})
     m[{"neural_mirror": "bregman", "kl": "kl", "prob_l2": "prob_l2", "none": "divergence"}[cfg.divergence_type]] = \
         sums["divergence"] / tokens
     for name, col in columns.items():
@@ -432,7 +497,10 @@ def save_checkpoint(run):
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(cfg.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    run["model"].save_pretrained(tmp)
+    if cfg.use_lora:  # the adapters alone, in PEFT's layout (the base is cfg.model_name)
+        lora.save_adapter(run["model"], tmp, base_model_name_or_path=cfg.model_name)
+    else:
+        run["model"].save_pretrained(tmp)
     run["tokenizer"].save_pretrained(tmp)
     run["mirror"].save(os.path.join(tmp, "mirror.safetensors"))
     opt = run["optimizer"].state_dict()
@@ -482,7 +550,13 @@ def load_checkpoint(run, path):
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     weights = [n for n in os.listdir(path) if n.startswith("model") and n.endswith(".safetensors")]
-    if weights == ["model.safetensors"]:
+    if run["cfg"].use_lora:
+        if not os.path.isfile(os.path.join(path, lora.WEIGHTS_NAME)):
+            raise ValueError(f"{path} holds no LoRA adapter ({lora.WEIGHTS_NAME}): it was saved without use_lora")
+        lora.load_adapter(run["model"], path)
+    elif not weights:
+        raise ValueError(f"{path} holds no model weights (a LoRA checkpoint?): resume it with use_lora=True")
+    elif weights == ["model.safetensors"]:
         load_weights(run["model"], os.path.join(path, "model.safetensors"), device=str(run["device"]))
     else:
         from transformers import AutoModelForCausalLM

@@ -46,7 +46,7 @@ def max_change(a, b):
 
 
 def untimed(row):
-    return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_")}
+    return {k: v for k, v in row.items() if k not in TIMING and not k.startswith(("time_", "memory/"))}
 
 
 def fixed_length_sampler(monkeypatch, eos_at):
