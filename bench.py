@@ -18,6 +18,10 @@ Rows (ratio = ours / peer, in the row's unit):
             the same saved random Qwen3 and tokenizer, 8 prompts x 8 completions of exactly 32 or 128
             tokens, temperature 1, fp32, no reference model (divergence none / beta 0), loss grpo,
             AdamW, the `length` reward; seconds per step.
+  lora      train.train_step with LoRA (r 16 on q/k/v/o, the base as reference with adapters off) vs
+            full fine-tuning (a frozen copy as reference), both ours with the neural_mirror
+            regulariser, the `small` random Qwen3, 8 x 8 completions of exactly 32 tokens, fp32;
+            seconds per step, and peak memory including the setup (model, reference, optimizer).
 
 Method: every case runs in a fresh subprocess (`python bench.py --case SPEC`) that builds its
 model and inputs, then runs 1 warmup and `--repeats` timed calls and reports the median. Peak
@@ -63,6 +67,7 @@ TEMPERATURE, TOP_P = 0.8, 0.9
 MODELS = {
     "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=1024),
     "mid": dict(layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32, vocab=8192),
+    "small": dict(layers=8, hidden=512, heads=8, kv_heads=4, head_dim=64, vocab=16384),
 }
 LOGPROB_SHAPES = {"quick": dict(tokens=1024, hidden=256, vocab=32768),
                   "full": dict(tokens=4096, hidden=896, vocab=151936)}
@@ -187,11 +192,12 @@ def save_step_model(folder, model):
     return [r["question"] for r in rows[:STEP_PROMPTS]]
 
 
-def step_ours(folder, questions, length, out):
+def step_ours(folder, questions, length, out, **knobs):
     """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step."""
+    knobs = {"divergence_type": "none", **knobs}
     cfg = config.make(model_name=folder, dataset_name=[{"prompt": q} for q in questions], eval_size=0,
                       batch_size=STEP_PROMPTS, num_generations=STEP_GENERATIONS, max_steps=1000,
-                      max_completion_length=length, max_prompt_length=128, divergence_type="none",
+                      max_completion_length=length, max_prompt_length=128, **knobs,
                       reward_functions=["length"], precision="fp32", device=DEVICE.type, lr_scheduler="constant",
                       warmup_steps=0, seed=0, output_dir=os.path.join(out, "ours"), **STEP_COMMON)
     run = train.setup(cfg)
@@ -263,7 +269,12 @@ def case_step(spec):
     out = tempfile.mkdtemp(prefix="nmgrpo-bench-")
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     questions = save_step_model(os.path.join(out, "model"), spec["model"])
-    one = {"ours": step_ours, "trl": step_trl}[spec["side"]](os.path.join(out, "model"), questions, spec["length"], out)
+    folder = os.path.join(out, "model")
+    if spec["side"] in ("lora", "full"):
+        one = step_ours(folder, questions, spec["length"], out, divergence_type="neural_mirror",
+                        use_lora=spec["side"] == "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0)
+    else:
+        one = {"ours": step_ours, "trl": step_trl}[spec["side"]](folder, questions, spec["length"], out)
 
     def step():
         longest = one()
@@ -294,12 +305,14 @@ def memory_peak():
 
 
 def run_case(spec):
-    """Set up one case, time it, print its result as one JSON line."""
+    """Set up one case, time it, print its result as one JSON line (spec["setup_counts"]: peak memory
+    counts the setup too)."""
+    before = memory_now()
     step, work = CASES[spec["case"]](spec)
     sync()
-    if DEVICE.type == "cuda":
+    if DEVICE.type == "cuda" and not spec.get("setup_counts"):
         torch.cuda.reset_peak_memory_stats()
-    base = memory_now()
+    base = before if spec.get("setup_counts") else memory_now()
     times = []
     for _ in range(1 + spec["repeats"]):
         sync()
@@ -368,6 +381,13 @@ def rows_step(full, repeats):
                   lambda r: r["seconds"])
 
 
+def rows_lora(full, repeats):
+    full_ft, lora_ = (measure(case="step", side=s, model="small", length=32, repeats=repeats, setup_counts=True)
+                      for s in ("full", "lora"))
+    yield row("LoRA r16 vs full fine-tuning (ours)", "small, 8 x 8 x 32 tok", "s/step", lora_, full_ft,
+              lambda r: r["seconds"])
+
+
 def rows_mirror(full, repeats):
     shape = LOGPROB_SHAPES["quick"]
     ours = measure(case="mirror", shape=dict(tokens=shape["tokens"]), repeats=repeats)
@@ -376,7 +396,8 @@ def rows_mirror(full, repeats):
               lambda r: 1e6 * r["seconds"] / r["work"])
 
 
-ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror, "step": rows_step}
+ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror, "step": rows_step,
+        "lora": rows_lora}
 
 
 def main():
