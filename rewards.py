@@ -50,6 +50,7 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -1683,24 +1684,45 @@ def code_completeness(text, reference=None, **kwargs):
 
 
 # The sandbox's runner: a fresh `python -I` reads its job (code, tests, key, limits) from stdin, sets its rlimits,
-# installs the audit hook and runs the code; it reports "done" and "pass <i>" to the parent, each signed with the
-# job's key. Everything it uses once user code has run is bound beforehand (default args, closures), so user code
-# cannot patch it through builtins or modules.
+# removes the functions no audit event guards, installs the audit hook and runs the code; it reports "done" and
+# "pass <i>" to the parent, each signed with the job's key. Everything it uses once user code has run is bound
+# beforehand (default args, closures, locals of main), so user code cannot patch it through builtins or modules.
 _RUNNER = r'''
-import hashlib, io, json, os, resource, sys
+import builtins, hashlib, io, json, os, resource, signal, sys
+
+NATIVE = frozenset(("ctypes", "_ctypes", "cffi", "_cffi_backend", "_posixsubprocess", "_xxsubinterpreters",
+                    "_xxinterpchannels", "_testcapi", "_testinternalcapi", "_sqlite3", "_dbm", "_gdbm", "syslog"))
+# functions that signal or tune other processes, or make device nodes, fifos, roots and users, with no audit event
+UNAUDITED = ("pidfd_open", "pidfd_send_signal", "mknod", "mkfifo", "chroot", "setuid", "seteuid", "setreuid",
+             "setresuid", "setgid", "setegid", "setregid", "setresgid", "setgroups", "initgroups", "setpriority",
+             "sched_setaffinity", "sched_setparam", "sched_setscheduler")
+
+
+def strip():
+    """Remove UNAUDITED from os, posix, signal and _signal. _imp.create_builtin would make posix or _signal afresh,
+    with them (importlib.import_module raises no import event), so it goes too, once every builtin module is loaded."""
+    for name in sys.builtin_module_names:
+        if name not in NATIVE:
+            __import__(name)
+    del sys.modules["_imp"].create_builtin
+    for module in (os, sys.modules["posix"], signal, sys.modules["_signal"]):
+        for name in UNAUDITED:
+            module.__dict__.pop(name, None)
+    os.__all__[:] = [name for name in os.__all__ if name not in UNAUDITED]
 
 
 def guard(tmp):
-    """The audit hook. Writes go to tmp only (and /dev/null); nothing under /proc is opened."""
+    """The audit hook. Writes go to tmp only (and /dev/null); nothing under /proc is opened, and no device but
+    /dev/null, zero, random and urandom."""
     deny = frozenset((
         "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.kill", "os.killpg",
         "signal.pthread_kill", "os.chdir", "os.chmod", "os.chown", "os.utime", "os.setxattr", "os.removexattr",
         "os.chflags", "os.lchflags", "os.lchmod", "os.symlink", "os.link", "sys.settrace", "sys.setprofile",
         "sys._current_frames", "sys._current_exceptions", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
         "sys.addaudithook", "cpython.PyInterpreterState_New", "resource.setrlimit", "resource.prlimit",
-        "code.__new__", "pty.spawn"))
-    modules = frozenset(("ctypes", "_ctypes", "cffi", "_cffi_backend", "_posixsubprocess", "_xxsubinterpreters",
-                         "_xxinterpchannels", "_testcapi", "_testinternalcapi", "_sqlite3", "_dbm", "_gdbm", "syslog"))
+        "code.__new__", "pty.spawn", "fcntl.ioctl"))
+    owner = frozenset((8, 10, 15))  # fcntl's F_SETOWN, F_SETSIG, F_SETOWN_EX (Linux): they aim SIGIO at a process
+    devices = frozenset(("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"))
     frames = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
     moves = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.truncate": 1, "os.rename": 2}
     writes = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -1740,17 +1762,20 @@ def guard(tmp):
         r = resolve(p)
         return r == "/dev/null" or (r == tmp or r.startswith(tmp + "/")) and ".." not in p.split("/")
 
-    def is_dir(r, stat=os.stat, OSError=OSError):
+    def kind(r, stat=os.stat, OSError=OSError):
+        """The file type bits of r's mode (0 when it cannot be stat'ed)."""
         try:
-            return stat(r).st_mode & 0o170000 == 0o040000
+            return stat(r).st_mode & 0o170000
         except OSError:
-            return False
+            return 0
 
-    def hook(event, args, deny=deny, modules=modules, frames=frames, moves=moves, writes=writes, text=text,
-             resolve=resolve, inside=inside, is_dir=is_dir, type=type, int=int, ImportError=ImportError,
-             PermissionError=PermissionError, ValueError=ValueError):
+    def hook(event, args, deny=deny, owner=owner, devices=devices, modules=NATIVE, frames=frames, moves=moves,
+             writes=writes, text=text, resolve=resolve, inside=inside, kind=kind, type=type, int=int,
+             ImportError=ImportError, PermissionError=PermissionError, ValueError=ValueError):
         if event in deny or event.startswith(("socket.", "subprocess.")):
             raise PermissionError("sandbox: " + event + " is not allowed")
+        if event == "fcntl.fcntl" and args[1] in owner:
+            raise PermissionError("sandbox: fcntl F_SETOWN, F_SETOWN_EX and F_SETSIG are not allowed")
         if event == "sys._getframe":  # ValueError, which namedtuple, enum and logging take for "no caller frame"
             raise ValueError("sandbox: frames are hidden")
         if (event == "object.__getattr__" and args[1] in frames
@@ -1763,8 +1788,12 @@ def guard(tmp):
             r = resolve(text(args[0]))
             if r == "/proc" or r.startswith("/proc/"):
                 raise PermissionError("sandbox: /proc is hidden")
-            if event == "open" and (type(args[2]) is not int or args[2] & writes or is_dir(r)) and not inside(args[0]):
-                raise PermissionError("sandbox: no writing (or opening folders) outside the working directory")
+            if event == "open":
+                mode = kind(r)
+                if mode in (0o020000, 0o060000) and r not in devices:  # a character or block device
+                    raise PermissionError("sandbox: no device but /dev/null, zero, random and urandom")
+                if (type(args[2]) is not int or args[2] & writes or mode == 0o040000) and not inside(args[0]):
+                    raise PermissionError("sandbox: no writing (or opening folders) outside the working directory")
         for p in args[:moves.get(event, 0)]:
             if type(p) is not int and not inside(p):
                 raise PermissionError("sandbox: no writing outside the working directory")
@@ -1792,8 +1821,12 @@ def lines(s):
     return [line.rstrip() for line in s.rstrip().splitlines()]
 
 
-def run(job, report, exec=exec, compile=compile, BaseException=BaseException, enumerate=enumerate, any=any,
-        program=program, lines=lines):
+def run(job, report, pristine, exec=exec, compile=compile, BaseException=BaseException, enumerate=enumerate,
+        any=any, program=program, lines=lines):
+    """
+    Run the job. The code sees the tests' setup (as if the tests followed it in one file); asserts see the code's names
+    but those that shadow builtins, the builtins as they were before the code ran, and the setup, run again for them.
+    """
     try:
         code = compile(job["code"], "<solution>", "exec", dont_inherit=True)
     except BaseException:
@@ -1805,9 +1838,12 @@ def run(job, report, exec=exec, compile=compile, BaseException=BaseException, en
     ns = None
     if any("assert" in t for t in job["tests"]):
         try:
-            ns = {"__name__": "solution"}
-            exec(code, ns)
-            exec(compile(job["setup"], "<setup>", "exec", dont_inherit=True), ns)
+            setup, solution = compile(job["setup"], "<setup>", "exec", dont_inherit=True), {"__name__": "solution"}
+            exec(code, solution)
+            exec(setup, solution)
+            ns = {name: v for name, v in solution.items() if name not in pristine}
+            ns["__builtins__"] = pristine
+            exec(setup, ns)
         except BaseException:
             ns = None
     for i, t in enumerate(job["tests"]):
@@ -1841,8 +1877,10 @@ def main():
     def report(msg):
         write(out, blake2b(msg, key=key, digest_size=16).hexdigest().encode() + b"\n")
 
+    strip()
+    pristine = dict(vars(builtins))
     sys.addaudithook(guard(job["tmp"]))
-    run(job, report)
+    run(job, report, pristine)
     exit(0)
 
 
@@ -1864,14 +1902,42 @@ def _tools():
     return None if None in paths else paths
 
 
-def _command(tmp, namespaces, memory_mb):
+@functools.lru_cache(maxsize=None)
+def _orphan_kill():
+    """`setpriv --pdeathsig KILL`, a command prefix that kills the child when the thread that started it dies, or []
+    where setpriv is missing or lacks --pdeathsig."""
+    prefix = [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL"]
+    try:
+        works = subprocess.run([*prefix, sys.executable, "-c", ""], stderr=subprocess.DEVNULL).returncode == 0
+    except OSError:
+        works = False
+    return prefix if works else []
+
+
+def _command(tmp, kind, memory_mb):
     python = [sys.executable, "-I", "-B", "-c", _RUNNER]
-    if not namespaces:
-        return python
-    unshare, mount, setpriv, sh = _tools()
-    return [unshare, "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount", "--mount-proc",
-            "--kill-child", sh, "-c", _NS_SETUP, "sh", tmp, mount, str(memory_mb),
+    if kind != "namespace":
+        return [*_orphan_kill(), *python]
+    unshare, mount, setpriv, sh = _tools()  # unshare's --kill-child takes the namespace down when unshare dies
+    return [*_orphan_kill(), unshare, "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount",
+            "--mount-proc", "--kill-child", sh, "-c", _NS_SETUP, "sh", tmp, mount, str(memory_mb),
             setpriv, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *python]
+
+
+def _write(stream, data, deadline):
+    """Write data to a child's stream and close it; give up when the deadline passes or the child closes its end."""
+    fd, poller, data = stream.fileno(), select.poll(), memoryview(data)
+    os.set_blocking(fd, False)
+    poller.register(fd, select.POLLOUT)
+    while data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            break
+        try:
+            data = data[os.write(fd, data):]
+        except BrokenPipeError:
+            break
+    stream.close()
 
 
 def _read(stream, deadline, limit=1 << 20):
@@ -1908,36 +1974,51 @@ def _sign(key, msg):
     return hashlib.blake2b(msg.encode(), key=key, digest_size=16).hexdigest().encode()
 
 
-def _sandbox(job, timeout, memory_mb, namespaces):
+_NOBODY = 65534  # the uid and gid of the "nobody" sandbox
+
+
+def _sandbox(job, timeout, memory_mb, kind):
     """
     Run one job in a fresh process: (whether the program ran to completion, how many of job["tests"] passed).
+    kind: "namespace", "process", or "nobody" (process, as uid and gid 65534, for a root trainer).
 
     What it does: the code runs only in a child `python -I -B` (never in this process), with a minimal environment
     (PATH, LANG, and HOME = TMPDIR = its working directory, a private temporary directory deleted afterwards), so none
-    of the trainer's environment variables reach it. Limits: `timeout` seconds of wall clock for the whole run, after
-    which its process group is killed; RLIMIT_CPU ceil(timeout) + 1 s, RLIMIT_AS memory_mb, RLIMIT_FSIZE 16 MB,
-    RLIMIT_NOFILE 64, RLIMIT_NPROC 0 (no threads or processes), RLIMIT_CORE 0; at most 1 MB of its output is read.
-    With `namespaces` it runs in new user, pid, mount and network namespaces (unshare): no network (its own loopback
-    is down), the trainer is invisible and cannot be signalled, every process in it dies with it, every mount is
-    read-only but its working directory, a tmpfs of memory_mb, and it holds no capabilities (setpriv, no_new_privs).
-    In both modes an audit hook, installed before the code runs, refuses: sockets and name lookups; subprocess,
-    os.system, exec, fork, posix_spawn; os.kill, killpg, pthread_kill; ctypes, cffi and other native-call modules;
-    subinterpreters; opening anything under /proc; writing, creating, removing or renaming outside its directory
-    (and /dev/null); chdir, chmod, chown, utime, xattrs, links; setrlimit; more audit hooks; and the ways to the
-    runner's memory: gc.get_objects/get_referrers/get_referents, sys._getframe/_current_frames, the frames of
-    tracebacks and generators, settrace/setprofile, code.__new__ and replacing a function's __code__. A pass counts
-    only when signed with a MAC keyed by a random key the child reads from stdin, so printing markers, or replaying
-    and hijacking its report pipe, forges nothing; sys.exit and os._exit only end the run.
+    of the trainer's environment variables reach it. Limits: `timeout` seconds of wall clock for the whole run (the
+    job's write to its stdin included), after which its process group is killed; RLIMIT_CPU ceil(timeout) + 1 s,
+    RLIMIT_AS memory_mb, RLIMIT_FSIZE 16 MB, RLIMIT_NOFILE 64, RLIMIT_NPROC 0 (no threads or processes), RLIMIT_CORE 0;
+    at most 1 MB of its output is read. Where setpriv has --pdeathsig, the child is killed when the trainer dies, even
+    by SIGKILL. "namespace": new user, pid, mount and network namespaces (unshare): no network (its own loopback is
+    down), the trainer is invisible and cannot be signalled, every process in it dies with it, every mount is read-only
+    but its working directory, a tmpfs of memory_mb, and it holds no capabilities (setpriv, no_new_privs). "nobody":
+    no supplementary groups, its directory is chowned to it, and it can signal no process of the trainer's and write
+    none of its files (a root trainer without namespaces gets it where uid 65534 can run Python in TMPDIR; else its
+    code runs as root, with a warning). In every kind, before the code runs, the runner removes from os, posix,
+    signal and _signal the functions that no audit event guards and that signal or tune other processes or make
+    nodes, roots and users (pidfd_open, pidfd_send_signal, mknod, mkfifo, chroot, the setuid family, setpriority,
+    sched_setaffinity/setparam/setscheduler), and _imp.create_builtin, which would make those modules afresh. Then an
+    audit hook refuses: sockets and name lookups; subprocess, os.system, exec, fork, posix_spawn; os.kill, killpg,
+    pthread_kill; fcntl F_SETOWN, F_SETOWN_EX, F_SETSIG and every ioctl (which aim SIGIO at a process); ctypes, cffi
+    and other native-call modules; subinterpreters; opening anything under /proc, or a device but /dev/null, zero,
+    random and urandom; writing, creating, removing or renaming outside its directory (and /dev/null); chdir, chmod,
+    chown, utime, xattrs, links; setrlimit; more audit hooks; and the ways to the runner's memory:
+    gc.get_objects/get_referrers/get_referents, sys._getframe/_current_frames, the frames of tracebacks and generators,
+    settrace/setprofile, code.__new__ and replacing a function's __code__. A pass counts only when signed with a MAC
+    keyed by a random key the child reads from stdin, so printing markers, or replaying and hijacking its report pipe,
+    forges nothing; sys.exit and os._exit only end the run.
 
-    What it does NOT stop: native code (an installed C extension, a hand-made code object from marshal.loads, an
-    interpreter bug) can do whatever its process may do, including reading the key and forging passes: the audit hook
-    only sees Python-level calls. The code runs as the trainer's user (root if the trainer is root, which RLIMIT_NPROC
+    What it does NOT stop: native code (an installed C extension, a shared library it writes and loads through
+    importlib, a hand-made code object from marshal.loads, an interpreter bug) can do whatever its process may do,
+    including reading the key, forging passes and calling the removed functions: the audit hook only sees Python-level
+    calls. Except as "nobody", the code runs as the trainer's user ("namespace" maps root to root, whom RLIMIT_NPROC
     exempts), so it can read whatever that user can read, and through native code reach Unix sockets in the file
     system. Timing and cache side channels. Tests as weak as their asserts: an object whose __eq__ always returns True
-    passes `assert f(x) == y`. Without namespaces (sandbox="process", or "auto" where they do not work) the audit hook
-    is the only guard, and more is open: signal.pidfd_send_signal can signal any process of the user (the trainer
-    included), os.mkfifo and os.mknod create nodes outside its directory, the disk fills at 16 MB a file, and native
-    code has the network.
+    passes `assert f(x) == y`, and code that patches a module the tests use (`math.isclose = ...`, an entry of
+    sys.modules) changes what they check: asserts get the builtins of before the code, not fresh modules. Without
+    namespaces ("process" and "nobody": sandbox="process", or "auto" where they do not work, which it logs once) the
+    disk fills at 16 MB a file, and native code has the network and, except as "nobody", can signal the trainer. With
+    namespaces the tmpfs lives in RAM on top of RLIMIT_AS: up to 2 x memory_mb per run, times the parallel runs. A
+    trainer that is killed leaves its runs' directories behind (nmgrpo-code-* under TMPDIR).
     """
     key = secrets.token_bytes(32)
     with tempfile.TemporaryDirectory(prefix="nmgrpo-code-", ignore_cleanup_errors=True) as tmp:
@@ -1945,15 +2026,17 @@ def _sandbox(job, timeout, memory_mb, namespaces):
         payload = json.dumps({**job, "key": key.hex(), "tmp": tmp, "cpu": math.ceil(timeout) + 1,
                               "memory": memory_mb << 20}).encode()
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
+        user = {}
+        if kind == "nobody":
+            os.chown(tmp, _NOBODY, _NOBODY)
+            user = {"user": _NOBODY, "group": _NOBODY, "extra_groups": []}
         deadline = time.monotonic() + timeout
-        proc = subprocess.Popen(_command(tmp, namespaces, memory_mb), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, cwd=tmp, env=env, start_new_session=True)
+        # The parent-death signal fires when the thread that started the child exits: this thread outlives the
+        # child, as it reaps it (_kill) before it returns.
+        proc = subprocess.Popen(_command(tmp, kind, memory_mb), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, cwd=tmp, env=env, start_new_session=True, **user)
         try:
-            try:
-                proc.stdin.write(payload)
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
+            _write(proc.stdin, payload, deadline)
             signed = set(_read(proc.stdout, deadline).split())
         finally:
             _kill(proc)
@@ -1962,9 +2045,27 @@ def _sandbox(job, timeout, memory_mb, namespaces):
 
 
 @functools.lru_cache(maxsize=None)
-def _namespaces():
-    """Whether the namespace sandbox works here: probed once by running an empty program in it."""
-    return _tools() is not None and _sandbox({"mode": "run", "code": "", "stdin": ""}, 10.0, 256, True)[0]
+def _works(kind):
+    """Whether a kind of sandbox works here: probed once by running an empty program in it."""
+    if kind == "namespace" and _tools() is None:
+        return False
+    try:
+        return _sandbox({"mode": "run", "code": "", "stdin": ""}, 10.0, 256, kind)[0]
+    except OSError:  # Python cannot be run (by uid 65534, say)
+        return False
+
+
+def _kind(sandbox):
+    """The kind of sandbox that runs code for a sandbox param, here (see _sandbox)."""
+    if sandbox != "process" and _works("namespace"):
+        return "namespace"
+    return "nobody" if os.geteuid() == 0 and _works("nobody") else "process"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn(message):
+    """Log a warning, once."""
+    logging.getLogger(__name__).warning("code sandbox: %s", message)
 
 
 _SANDBOXES = ("auto", "namespace", "process")
@@ -1979,36 +2080,62 @@ def _check_sandbox(timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto")
     if sandbox not in _SANDBOXES:
         raise ValueError(f"code sandbox: sandbox must be one of {_SANDBOXES}, got {sandbox!r}"
                          f"{_did_you_mean(sandbox, _SANDBOXES)}")
-    available = sandbox == "process" or _namespaces()  # probed once, here at start-up for "auto" as well
-    if sandbox == "namespace" and not available:
+    kind = _kind(sandbox)  # probed once, here at start-up
+    if sandbox == "namespace" and kind != "namespace":
         raise ValueError("code sandbox: sandbox='namespace' needs working unprivileged user namespaces and "
                          "util-linux (unshare, mount, setpriv), which this machine lacks; use 'auto' or 'process'")
+    if sandbox == "auto" and kind != "namespace":
+        _warn("sandbox='auto' falls back to the weaker process sandbox (audit hook and rlimits; see rewards._sandbox), "
+              "as " + ("util-linux's unshare, mount or setpriv is missing" if _tools() is None else
+                       "a test run in new user, mount, pid and network namespaces failed (unprivileged user namespaces "
+                       "are off under Docker's default seccomp profile and AppArmor on Ubuntu >= 23.10)")
+              + "; set sandbox='process' to silence this")
+    if kind == "process" and os.geteuid() == 0:
+        _warn(f"the process sandbox runs code as root, as uid 65534 cannot run {sys.executable} in a folder of "
+              f"{tempfile.gettempdir()}; make both readable and searchable by others to run it as uid 65534")
 
 
 def _run_all(jobs, timeout, memory_mb, max_workers, sandbox):
     """(done, passed) of each job (None: nothing to run), in parallel, each in its own sandboxed process."""
     _check_sandbox(timeout, memory_mb, max_workers, sandbox)
-    namespaces = sandbox != "process" and _namespaces()
+    kind = _kind(sandbox)
 
     def one(job):
-        return (False, 0) if job is None else _sandbox(job, timeout, memory_mb, namespaces)
+        return (False, 0) if job is None else _sandbox(job, timeout, memory_mb, kind)
 
     with ThreadPoolExecutor(max(1, min(len(jobs), max_workers or os.cpu_count() or 1))) as pool:
         return list(pool.map(one, jobs))
 
 
 def _tests(row):
-    """The row's tests: MBPP asserts (test_list), and test_cases of asserts or {"input", "expected_output"}."""
+    """
+    The row's tests: MBPP asserts (test_list), and test_cases (a list, or a JSON string of one) of asserts or
+    {"input", "expected_output"} cases. A string test must parse and hold an assert statement.
+    """
     tests = []
-    for t in [*_as_list(row.get("test_list") or []), *_as_list(row.get("test_cases") or [])]:
-        out = t.get("expected_output", t.get("output")) if isinstance(t, Mapping) else None
-        if isinstance(t, str):
-            tests.append({"assert": t})
-        elif isinstance(out, str) and isinstance(t.get("input"), str):
-            tests.append({"input": t["input"], "output": out})
-        else:
-            raise ValueError(f"code tests are assert strings or stdin/stdout cases {{'input': str, "
-                             f"'expected_output' (or 'output'): str}}, got {t!r}")
+    for column in ("test_list", "test_cases"):
+        value = row.get(column) or []
+        if column == "test_cases" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = None
+            if not isinstance(value, (list, dict)):
+                raise ValueError(f"code tests: test_cases is a string, but not the JSON of a list of tests or of one "
+                                 f"test: {row[column][:200]!r}")
+        for t in _as_list(value):
+            out = t.get("expected_output", t.get("output")) if isinstance(t, Mapping) else None
+            if isinstance(t, str):
+                tree = _parse(t)
+                if tree is None or not any(isinstance(n, ast.Assert) for n in ast.walk(tree)):
+                    raise ValueError(f"code tests: {column} holds a test that is not Python code with an assert "
+                                     f"statement: {t!r}")
+                tests.append({"assert": t})
+            elif isinstance(out, str) and isinstance(t.get("input"), str):
+                tests.append({"input": t["input"], "output": out})
+            else:
+                raise ValueError(f"code tests: {column} holds {t!r}; a test is an assert string or a stdin/stdout "
+                                 f"case {{'input': str, 'expected_output' (or 'output'): str}}")
     return tests
 
 
@@ -2035,7 +2162,7 @@ def _correctness_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_
     return [passed / len(job["tests"]) if job else 0.0 for job, (_, passed) in zip(jobs, results)]
 
 
-@register("code_execution", check=_check_sandbox, batch=_execution_batch)
+@register("code_execution", check=_check_sandbox, batch=_execution_batch, extra="Linux")
 def code_execution(text, reference=None, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto", **kwargs):
     """1.0 if the code runs to completion in the sandbox without an error.
 
@@ -2044,23 +2171,27 @@ def code_execution(text, reference=None, timeout=5.0, memory_mb=512, max_workers
     (else an empty one); tests are not run (that is code_correctness, unlike AlignTune's code_execution, which scores
     tests when it has them). timeout: wall-clock seconds for the run; memory_mb: its address-space limit (and the
     size of its tmpfs with namespaces); max_workers: parallel runs in a batch (default os.cpu_count()); sandbox:
-    "auto" (namespaces where this machine allows them), "namespace" (required) or "process" (audit hook and rlimits
-    only). See _sandbox for what the sandbox stops and what it does not.
+    "auto" (namespaces where this machine allows them, else "process", with a warning), "namespace" (required) or
+    "process" (no namespaces; as uid 65534 for a root trainer). See _sandbox for what the sandbox stops and what it
+    does not. Needs Linux (and util-linux with unprivileged user namespaces for "namespace").
     """
     return _execution_batch([text], [reference], [kwargs], timeout, memory_mb, max_workers, sandbox)[0]
 
 
-@register("code_correctness", check=_check_sandbox, batch=_correctness_batch)
+@register("code_correctness", check=_check_sandbox, batch=_correctness_batch, extra="Linux")
 def code_correctness(text, reference=None, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto", **kwargs):
     """Share of the row's tests (MBPP asserts, stdin/stdout cases) passed in the sandbox.
 
     Fraction of the row's tests the completion's code (see extract_code) passes, in [0, 1]. Tests come from the row:
-    test_list (MBPP assert strings, with test_imports and test_setup_code run after the code) and test_cases (assert
-    strings, or {"input", "expected_output" (or "output")} cases: the code runs as __main__ on that stdin, and its
-    stdout must match up to trailing whitespace; AlignTune instead calls the first function with "input"). Asserts
-    run in the code's namespace, loaded once (as module "solution"): code that fails to load passes none of them.
-    A row without either column is an error; empty tests score 0.0. One run holds all of a completion's tests,
-    under the params of code_execution; tests passed before a timeout count.
+    test_list (MBPP assert strings, with test_imports and test_setup_code run after the code) and test_cases (a list,
+    or its JSON string, of assert strings or {"input", "expected_output" (or "output")} cases: the code runs as
+    __main__ on that stdin, and its stdout must match up to trailing whitespace; AlignTune instead calls the first
+    function with "input"). A test string that does not parse or holds no assert statement is an error, as is a row
+    without either column; empty tests score 0.0. The code is loaded once (as module "solution"), and code that fails
+    to load passes no assert. Asserts see its names, but not those that shadow a builtin, and the builtins as they were
+    before it ran, so `def set(...)` or `builtins.sorted = ...` cannot change what a test means (a patched module can:
+    see _sandbox). One run holds all of a completion's tests, under the params of code_execution; tests passed before
+    a timeout count.
     """
     return _correctness_batch([text], [reference], [kwargs], timeout, memory_mb, max_workers, sandbox)[0]
 

@@ -1,6 +1,9 @@
+import logging
 import os
 import socket
+import stat
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -13,13 +16,39 @@ from rewards import (code_completeness, code_correctness, code_execution, code_q
 TIMEOUT = 2.0
 ADD = "def add(a, b):\n    return a + b\n"
 MBPP = {"test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]}
-MODES = ["namespace", "process"]
+PYTHON = sys.executable
 
 
-def run_modes():
-    """The sandbox modes to test here: "namespace" only where this machine supports it."""
-    return [pytest.param(m, marks=pytest.mark.skipif(m == "namespace" and not rewards._namespaces(),
-                                                     reason="no unprivileged user namespaces here")) for m in MODES]
+def nobody_python():
+    """For a root trainer, a Python that uid 65534 can run (this one, else the system's), or None."""
+    for python in (PYTHON, "/usr/bin/python3") if os.geteuid() == 0 else ():
+        try:
+            if subprocess.run([python, "-I", "-c", "import json"], user=65534, group=65534, extra_groups=[], cwd="/",
+                              capture_output=True).returncode == 0:
+                return python
+        except OSError:
+            pass
+    return None
+
+
+NOBODY_PYTHON = nobody_python()
+
+
+@pytest.fixture(params=[
+    pytest.param("namespace", marks=pytest.mark.skipif(not rewards._works("namespace"),
+                                                        reason="no unprivileged user namespaces here")),
+    "process",
+    pytest.param("nobody", marks=pytest.mark.skipif(NOBODY_PYTHON is None,
+                                                     reason="not root, or no Python that uid 65534 can run"))])
+def sandbox(request, monkeypatch):
+    """The sandbox param of each kind to test here; "nobody" is "process" for a root trainer, as uid 65534."""
+    if request.param != "nobody":
+        yield request.param
+        return
+    monkeypatch.setattr(sys, "executable", NOBODY_PYTHON)
+    rewards._works.cache_clear()
+    yield "process"
+    rewards._works.cache_clear()
 
 
 # --- extraction and static rewards
@@ -74,7 +103,6 @@ def test_code_completeness():
 # --- running code
 
 
-@pytest.mark.parametrize("sandbox", run_modes())
 def test_correctness_scores_mbpp_and_stdin_cases(sandbox):
     p = {"timeout": TIMEOUT, "sandbox": sandbox}
     half = "```python\ndef add(a, b):\n    return 3\n```"
@@ -96,7 +124,6 @@ def test_correctness_scores_mbpp_and_stdin_cases(sandbox):
         code_correctness(ADD, **p)
 
 
-@pytest.mark.parametrize("sandbox", run_modes())
 def test_execution(sandbox):
     p = {"timeout": TIMEOUT, "sandbox": sandbox}
     echo = {"test_cases": [{"input": "hi\n", "expected_output": "hi"}]}
@@ -131,6 +158,17 @@ HOSTILE = {
     "os._exit(0)": "import os\nos._exit(0)",
     "signal the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
                          "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
+    "SIGIO to another process": """
+import fcntl, os, time
+r, w = os.pipe()
+fcntl.fcntl(r, fcntl.F_SETOWN, {victim})
+fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC)
+os.write(w, b'x')
+time.sleep(0.2)""",
+    "pidfd_send_signal to another process": "import os, signal\n"
+                                             "signal.pidfd_send_signal(os.pidfd_open({victim}), signal.SIGKILL)",
+    "write through a device node": "import os, stat\nos.mknod('n', stat.S_IFCHR | 0o600, os.makedev(1, 3))\n"
+                                   "open('n', 'wb').write(b'x')",
     "open a socket": "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')",
     "read an environment secret": """
 import os
@@ -200,14 +238,14 @@ os._exit(0)""",
 }
 
 
-@pytest.mark.parametrize("sandbox", run_modes())
 def test_hostile_code_scores_zero_and_harms_nothing(sandbox, tmp_path, monkeypatch):
     monkeypatch.setenv("NMGRPO_TEST_SECRET", "hunter2")
     out = str(tmp_path / "escaped")
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
+    victim = subprocess.Popen(["sleep", "60"])  # a process of the trainer's user, for the signals to aim at
     names = list(HOSTILE)
-    texts = [ADD + HOSTILE[n].format(port=listener.getsockname()[1], out=out) for n in names]
+    texts = [ADD + HOSTILE[n].format(port=listener.getsockname()[1], out=out, victim=victim.pid) for n in names]
     before = set(os.listdir(tempfile.gettempdir()))
     p = {"timeout": TIMEOUT, "sandbox": sandbox, "max_workers": len(texts)}
     table = {}
@@ -223,9 +261,11 @@ def test_hostile_code_scores_zero_and_harms_nothing(sandbox, tmp_path, monkeypat
     left = {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith(("nmgrpo-code-", "escaped"))}
     assert not left  # the working directories are gone, and nothing escaped into the temp folder either
     assert os.environ["NMGRPO_TEST_SECRET"] == "hunter2"  # and this process is alive and unchanged
+    assert victim.poll() is None  # and so is the other one
+    victim.kill()
+    victim.wait()
 
 
-@pytest.mark.parametrize("sandbox", run_modes())
 def test_hijacked_report_pipe_forges_nothing(sandbox):
     """The code swaps its own pipe in for the report pipe, reads what the runner reports and replays it."""
     hijack = """
@@ -256,7 +296,7 @@ def add(a, b):
     assert scores == [pytest.approx(1 / 3)]  # the replayed pass is real; no guess counts
 
 
-@pytest.mark.skipif(not rewards._namespaces(), reason="no unprivileged user namespaces here")
+@pytest.mark.skipif(not rewards._works("namespace"), reason="no unprivileged user namespaces here")
 def test_namespaces_hold_without_the_audit_hook(tmp_path):
     """The namespace layer alone (a plain python in place of the runner): no network, read-only mounts, no parent."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -273,10 +313,167 @@ print(attempt(lambda: socket.create_connection(('127.0.0.1', {listener.getsockna
       attempt(lambda: os.kill({os.getpid()}, 0)), os.getpid(), os.getppid())
 """
     with tempfile.TemporaryDirectory() as tmp:
-        command = rewards._command(os.path.realpath(tmp), True, 64)[:-1] + [probe]
+        command = rewards._command(os.path.realpath(tmp), "namespace", 64)[:-1] + [probe]
         out = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=30).stdout
     assert out.split() == ["no", "no", "yes", "no", "1", "0"]  # network, outside, inside, this process; pid 1
     assert os.listdir(tmp_path) == []
     listener.close()
     fill = "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * (10 << 20))\n"
     assert code_execution(fill, sandbox="namespace", memory_mb=64, timeout=TIMEOUT) == 0.0  # a 64 MB tmpfs is full
+
+
+# --- the layers under the audit hook, each on its own: every assert holds when its layer does
+
+LAYERS_CODE = """
+import _imp, _signal, fcntl, importlib, os, posix, signal, sys
+r, w = os.pipe()
+GONE = ('pidfd_open', 'pidfd_send_signal', 'mknod', 'mkfifo', 'chroot', 'setuid', 'setresgid', 'setgroups',
+        'setpriority', 'sched_setaffinity')
+def refused(f):
+    try:
+        f()
+    except PermissionError as e:
+        return str(e).startswith('sandbox:')
+    return False
+def fresh(name):
+    saved = sys.modules.pop(name)
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
+    finally:
+        sys.modules[name] = saved
+"""
+LAYERS = {
+    "fcntl F_SETOWN": "assert refused(lambda: fcntl.fcntl(r, fcntl.F_SETOWN, os.getpid()))",
+    "fcntl F_SETOWN_EX": "assert refused(lambda: fcntl.fcntl(r, 15, bytes(8)))",
+    "fcntl F_SETSIG": "assert refused(lambda: fcntl.fcntl(r, fcntl.F_SETSIG, 0))",
+    "ioctl FIOSETOWN": "assert refused(lambda: fcntl.ioctl(r, 0x8901, bytes(4)))",
+    "functions without an audit event are gone":
+        "assert not [(m, n) for m in (os, posix, signal, _signal) for n in GONE if hasattr(m, n)]",
+    "no fresh posix or _signal brings them back":
+        "assert not hasattr(_imp, 'create_builtin') and fresh('posix') is fresh('_signal') is None",
+    "from os import * still works": "assert exec('from os import *', {}) is None",
+    "a device": "assert refused(lambda: open(DEVICE, 'rb'))",
+    "null, zero and urandom": "assert open('/dev/null', 'wb').write(b'x') == 1 and open('/dev/zero', 'rb').read(1) "
+                              "== bytes(1) and len(open('/dev/urandom', 'rb').read(2)) == 2",
+}
+
+
+def test_each_layer_holds(sandbox):
+    device = next((d for d in ("/dev/full", "/dev/tty", "/dev/ptmx")
+                   if os.path.exists(d) and stat.S_ISCHR(os.stat(d).st_mode)), None)
+    layers = {n: t for n, t in LAYERS.items() if device or n != "a device"}
+    if rewards._kind(sandbox) == "nobody":  # the process sandbox of a root trainer
+        layers["uid 65534"] = "assert (os.getuid(), os.getgid(), os.getgroups()) == (65534, 65534, [])"
+    code = LAYERS_CODE + f"DEVICE = {device!r}\n"
+    scores = rewards._correctness_batch([code] * len(layers), [None] * len(layers),
+                                        [{"test_list": [t]} for t in layers.values()], timeout=TIMEOUT,
+                                        sandbox=sandbox, max_workers=len(layers))
+    assert dict(zip(layers, scores)) == dict.fromkeys(layers, 1.0)
+
+
+def test_auto_warns_once_when_it_falls_back_to_the_process_sandbox(monkeypatch, caplog):
+    rewards._warn.cache_clear()
+    monkeypatch.setattr(rewards, "_works", lambda kind: False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="rewards"):
+            rewards._check_sandbox(sandbox="process")
+            assert not [r for r in caplog.records if "falls back" in r.getMessage()]
+            for _ in range(2):
+                rewards._check_sandbox(sandbox="auto")
+        assert len([r for r in caplog.records if "falls back to the weaker process sandbox" in r.getMessage()]) == 1
+        assert rewards._kind("auto") == "process"
+        assert any("runs code as root" in r.getMessage() for r in caplog.records) == (os.geteuid() == 0)
+        monkeypatch.setattr(rewards, "_works", lambda kind: kind == "nobody")
+        assert rewards._kind("auto") == rewards._kind("process") == ("nobody" if os.geteuid() == 0 else "process")
+    finally:
+        rewards._warn.cache_clear()
+
+
+def test_code_runners_need_linux():
+    assert rewards.INFO["code_execution"][2] == rewards.INFO["code_correctness"][2] == "Linux"
+
+
+# a stand-in trainer: one run of code that sleeps; the test kills it with SIGKILL
+TRAINER = """
+import sys
+import rewards
+sys.executable = sys.argv[2]
+rewards._sandbox({"mode": "run", "code": "import time\\ntime.sleep(60)", "stdin": ""}, 60.0, 256, sys.argv[1])
+"""
+
+
+def state(pid):
+    """(state letter, parent pid) of a process, or None once it is gone."""
+    try:
+        letter, ppid = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[:2]
+        return letter, int(ppid)
+    except OSError:
+        return None
+
+
+def family(pid):
+    """{pid: argv[0]} of the processes below pid."""
+    parents = {int(p): s[1] for p in filter(str.isdigit, os.listdir("/proc")) if (s := state(p))}
+    below, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for p in [p for p, ppid in parents.items() if ppid == parent]:
+            try:
+                below[p] = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0].decode()
+            except OSError:
+                continue
+            todo.append(p)
+    return below
+
+
+def test_children_die_with_the_trainer(sandbox, tmp_path):
+    tmp_path.chmod(0o755)  # for uid 65534
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    root = os.path.dirname(os.path.abspath(rewards.__file__))
+    trainer = subprocess.Popen([PYTHON, "-c", TRAINER, rewards._kind(sandbox), sys.executable], cwd=root, env=env)
+    deadline = time.monotonic() + 20
+    while sys.executable not in family(trainer.pid).values():  # the runner has started
+        assert time.monotonic() < deadline and trainer.poll() is None
+        time.sleep(0.05)
+    below = family(trainer.pid)
+    trainer.kill()
+    trainer.wait()
+    while any((state(p) or "Z")[0] != "Z" for p in below):  # gone, or a zombie
+        assert time.monotonic() < deadline, below
+        time.sleep(0.05)
+
+
+def test_a_child_that_never_reads_its_job_times_out(monkeypatch):
+    monkeypatch.setattr(rewards, "_command", lambda tmp, kind, memory_mb: ["sleep", "60"])
+    start = time.monotonic()
+    assert rewards._sandbox({"mode": "run", "code": "", "stdin": "x" * (1 << 20)}, 1.0, 256, "process") == (False, 0)
+    assert time.monotonic() - start < 10
+
+
+def test_tests_must_be_asserts_and_test_cases_may_be_json():
+    assert rewards._tests({"test_cases": '[{"input": "1 2", "output": "3"}, "assert add(1, 2) == 3"]'}) == [
+        {"input": "1 2", "output": "3"}, {"assert": "assert add(1, 2) == 3"}]
+    two_lines = "x = add(1, 2)\nassert x == 3"
+    assert rewards._tests({"test_list": [two_lines]}) == [{"assert": two_lines}]
+    for row, match in (({"test_list": ["add(1, 2) == 3"]}, r"test_list .*'add\(1, 2\) == 3'"),
+                       ({"test_list": ["print(add(1, 2))"]}, "test_list .*assert"),
+                       ({"test_cases": ["assert add(1, 2) =="]}, "test_cases .*assert"),
+                       ({"test_cases": "assert add(1, 2) == 3"}, "test_cases is a string, but not the JSON"),
+                       ({"test_cases": "3"}, "test_cases is a string, but not the JSON")):
+        with pytest.raises(ValueError, match=match):
+            rewards._tests(row)
+    wrong, right = "def add(a, b):\n    return 0\n", "a, b = map(int, input().split())\nprint(a + b)\n"
+    cases = {"test_cases": '[{"input": "1 2", "output": "3"}]'}
+    assert rewards._correctness_batch([wrong, right], [None] * 2, [cases] * 2, timeout=TIMEOUT) == [0.0, 1.0]
+
+
+def test_asserts_see_the_builtins_of_before_the_code():
+    shadow = "def similar(a, b):\n    return None\ndef set(*a):\n    return 1\n"
+    patch = "import builtins\nbuiltins.sorted = lambda *a, **k: [1]\ndef f(x):\n    return [3, 2]\n"
+    own = "def sum(xs):\n    return 0\ndef total(xs):\n    return len(xs) + sum(xs)\n"  # a helper for itself alone
+    rows = [{"test_list": ["assert set(similar((3, 4), (4, 5))) == set((4,))"]},
+            {"test_list": ["assert sorted(f(1)) == [1]"]},
+            {"test_list": ["assert total([1, 2]) == 2", "assert sum([1, 2]) == 3"]}]
+    assert rewards._correctness_batch([shadow, patch, own], [None] * 3, rows, timeout=TIMEOUT) == [0.0, 0.0, 1.0]
