@@ -20,8 +20,10 @@ Rows (ratio = ours / peer, in the row's unit):
             AdamW, the `length` reward; seconds per step.
   lora      train.train_step with LoRA (r 16 on q/k/v/o, the base as reference with adapters off) vs
             full fine-tuning (a frozen copy as reference), both ours with the neural_mirror
-            regulariser, the `small` random Qwen3, 8 x 8 completions of exactly 32 tokens, fp32;
-            seconds per step, and peak memory including the setup (model, reference, optimizer).
+            regulariser: the `small` random Qwen3, 8 x 8 completions of exactly 32 tokens, fp32; on
+            CUDA also a Qwen3-1.7B shape in bf16 at 8 and 16 generations, 256 and 1024 tokens
+            (micro-batches of 64 completions); seconds per step, and peak memory including the setup
+            (model, reference, optimizer).
 
 Method: every case runs in a fresh subprocess (`python bench.py --case SPEC`) that builds its
 model and inputs, then runs 1 warmup and `--repeats` timed calls and reports the median. Peak
@@ -68,6 +70,7 @@ MODELS = {
     "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=1024),
     "mid": dict(layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32, vocab=8192),
     "small": dict(layers=8, hidden=512, heads=8, kv_heads=4, head_dim=64, vocab=16384),
+    "qwen3-1.7b": dict(layers=28, hidden=2048, heads=16, kv_heads=8, head_dim=128, vocab=151936, intermediate=6144),
 }
 LOGPROB_SHAPES = {"quick": dict(tokens=1024, hidden=256, vocab=32768),
                   "full": dict(tokens=4096, hidden=896, vocab=151936)}
@@ -75,8 +78,8 @@ LOGPROB_SHAPES = {"quick": dict(tokens=1024, hidden=256, vocab=32768),
 
 # ----------------------------------------------------------------------------- cases (in the subprocess)
 
-def build_qwen3(layers, hidden, heads, kv_heads, head_dim, vocab):
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+def build_qwen3(layers, hidden, heads, kv_heads, head_dim, vocab, intermediate=None):
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
                          eos_token_id=None, pad_token_id=0, bos_token_id=None)
@@ -194,12 +197,12 @@ def save_step_model(folder, model):
 
 def step_ours(folder, questions, length, out, **knobs):
     """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step."""
-    knobs = {"divergence_type": "none", **knobs}
-    cfg = config.make(model_name=folder, dataset_name=[{"prompt": q} for q in questions], eval_size=0,
-                      batch_size=STEP_PROMPTS, num_generations=STEP_GENERATIONS, max_steps=1000,
-                      max_completion_length=length, max_prompt_length=128, **knobs,
-                      reward_functions=["length"], precision="fp32", device=DEVICE.type, lr_scheduler="constant",
-                      warmup_steps=0, seed=0, output_dir=os.path.join(out, "ours"), **STEP_COMMON)
+    cfg = config.make(**{**dict(
+        model_name=folder, dataset_name=[{"prompt": q} for q in questions], eval_size=0, batch_size=STEP_PROMPTS,
+        num_generations=STEP_GENERATIONS, max_steps=1000, max_completion_length=length, max_prompt_length=128,
+        max_seq_length=128 + length, divergence_type="none", reward_functions=["length"], precision="fp32",
+        device=DEVICE.type, lr_scheduler="constant", warmup_steps=0, seed=0, output_dir=os.path.join(out, "ours"),
+        memory_metrics=False), **STEP_COMMON, **knobs})
     run = train.setup(cfg)
     run["eos"] = [run["model"].config.vocab_size]  # an id never drawn: every row runs `length` tokens
     return lambda: train.train_step(run)[0]["completion_length_max"]
@@ -270,9 +273,12 @@ def case_step(spec):
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     questions = save_step_model(os.path.join(out, "model"), spec["model"])
     folder = os.path.join(out, "model")
-    if spec["side"] in ("lora", "full"):
+    generations = spec.get("generations", STEP_GENERATIONS)
+    if spec["side"] in ("lora", "full"):  # micro-batches of 8 prompts' worth of completions at most 64
         one = step_ours(folder, questions, spec["length"], out, divergence_type="neural_mirror",
-                        use_lora=spec["side"] == "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0)
+                        use_lora=spec["side"] == "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                        num_generations=generations, precision=spec.get("precision", "fp32"),
+                        gradient_accumulation_steps=max(1, STEP_PROMPTS * generations // 64))
     else:
         one = {"ours": step_ours, "trl": step_trl}[spec["side"]](folder, questions, spec["length"], out)
 
@@ -280,7 +286,7 @@ def case_step(spec):
         longest = one()
         assert longest == spec["length"], f"a completion of {longest} tokens, not {spec['length']}"
 
-    return step, STEP_PROMPTS * STEP_GENERATIONS
+    return step, STEP_PROMPTS * generations
 
 
 CASES = {"sampler": case_sampler, "logprobs": case_logprobs, "mirror": case_mirror, "step": case_step}
@@ -382,10 +388,14 @@ def rows_step(full, repeats):
 
 
 def rows_lora(full, repeats):
-    full_ft, lora_ = (measure(case="step", side=s, model="small", length=32, repeats=repeats, setup_counts=True)
-                      for s in ("full", "lora"))
-    yield row("LoRA r16 vs full fine-tuning (ours)", "small, 8 x 8 x 32 tok", "s/step", lora_, full_ft,
-              lambda r: r["seconds"])
+    sizes = [("small", 8, 32, "fp32")]
+    if DEVICE.type == "cuda":  # the large shape: a Qwen3-1.7B in bf16
+        sizes += [("qwen3-1.7b", g, n, "bf16") for g in (8, 16) for n in (256, 1024)]
+    for model, generations, length, precision in sizes:
+        full_ft, lora_ = (measure(case="step", side=s, model=model, length=length, generations=generations,
+                                  precision=precision, repeats=repeats, setup_counts=True) for s in ("full", "lora"))
+        yield row("LoRA r16 vs full fine-tuning (ours)", f"{model} {precision}, 8 x {generations} x {length} tok",
+                  "s/step", lora_, full_ft, lambda r: r["seconds"])
 
 
 def rows_mirror(full, repeats):

@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import compat
+
 
 def _f(default, doc, group):
     if isinstance(default, (list, dict)):
@@ -38,7 +40,7 @@ class Config:
     use_lora: bool = _f(False, "train LoRA adapters instead of every weight; the reference policy is the base with adapters off", "lora")
     lora_r: int = _f(64, "adapter rank", "lora")
     lora_alpha: float = _f(64, "adapter scale numerator: scaling = alpha / r (alpha / sqrt(r) with use_rslora)", "lora")
-    lora_dropout: float = _f(0.05, "dropout on the adapter's input while learning (the sampler runs without it)", "lora")
+    lora_dropout: float = _f(0.05, "dropout on the adapter's input while learning (the sampler runs without it, so > 0 adds noise to the ratio)", "lora")
     lora_target_modules: Any = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear leaf names to adapt, or 'all-linear' (every Linear but lm_head)", "lora")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)", "lora")
     # data
@@ -50,6 +52,8 @@ class Config:
     max_samples: Optional[int] = _f(None, "cap on training examples", "data")
     column_mapping: dict = _f({}, "dataset column -> role ('prompt', 'reference'), e.g. {'question': 'prompt'}", "data")
     system_prompt: Optional[str] = _f(None, "system message put before every prompt", "data")
+    chat_template: Optional[str] = _f("auto", "'auto': the tokenizer's own; 'none': plain text; else a Jinja template", "data")
+    cache_dir: Optional[str] = _f(None, "where Hugging Face models and datasets are cached (None: their default)", "data")
     processing_fn: Any = _f(None, "callable row -> row (or 'module:function') applied before mapping", "data")
     # training
     num_epochs: int = _f(1, "passes over the training prompts (used when max_steps <= 0)", "training")
@@ -66,6 +70,7 @@ class Config:
     optimizer: str = _f("adamw_torch", "adamw_torch / adamw / adam / sgd", "training")
     lr_scheduler: str = _f("cosine", "any transformers scheduler: linear, cosine, constant, constant_with_warmup, ...", "training")
     warmup_steps: int = _f(10, "optimizer updates of linear warmup", "training")
+    warmup_ratio: float = _f(0.0, "warmup as a fraction of the updates (when > 0, it replaces warmup_steps)", "training")
     seed: int = _f(42, "seed of everything random: data order, sampling, the model's initial RNG", "training")
     logprob_chunk_size: int = _f(1024, "tokens per chunk of the log-prob kernel (memory is chunk x vocab)", "training")
     fused_loss: bool = _f(True, "evaluate the per-token loss inside the chunked lm_head pass (logits computed once); False: log-probs, then the loss through autograd", "training")
@@ -96,8 +101,14 @@ class Config:
     rewards: Optional[list] = _f(None, "the other form: [{'type': name, 'weight': w, 'params': {...}}, ...]", "rewards")
     # logging, eval, checkpoints
     output_dir: str = _f("./output", "metrics.jsonl, samples.jsonl and checkpoints go here", "logging")
+    run_name: Optional[str] = _f(None, "the run's name for the loggers (None: output_dir's name)", "logging")
+    loggers: list = _f([], "besides metrics.jsonl: 'tensorboard', 'wandb' (optional extras)", "logging")
+    wandb_project: Optional[str] = _f(None, "wandb project (None: 'nmgrpo'); WANDB_MODE=offline is respected", "logging")
+    memory_metrics: bool = _f(True, "peak memory per phase in the metrics (resets the process's peak counters)", "logging")
+    log_level: str = _f("INFO", "console detail: DEBUG / INFO / WARNING / ERROR", "logging")
+    backend: str = _f("auto", "'auto' (our engine); 'trl' is accepted and runs on our engine too", "logging")
     logging_steps: int = _f(1, "log metrics every this many steps", "logging")
-    log_completions: int = _f(2, "sample completions written to samples.jsonl at each logging step", "logging")
+    log_completions: bool = _f(True, "write every rollout of each logging step to samples.jsonl", "logging")
     eval_steps: int = _f(100, "evaluate on the held-out prompts every this many steps (0: only at the end)", "logging")
     eval_on_start: bool = _f(False, "evaluate once before the first step", "logging")
     eval_batch_size: int = _f(64, "held-out prompts per greedy sampling batch", "logging")
@@ -109,6 +120,8 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "backend": ("auto", "native", "trl"),
     "optimizer": ("adamw_torch", "adamw", "adam", "sgd"),
     "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "scale_rewards": ("group", "batch", "none"),
@@ -185,9 +198,12 @@ def read_file(path):
     if ext == ".json":
         try:
             with open(path) as f:
-                return json.load(f)
+                data = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r} should hold a mapping of fields")
+        return compat.from_nested(data) if compat.is_nested(data) else data
     if ext in (".yaml", ".yml"):
         try:
             import yaml
@@ -200,6 +216,7 @@ def read_file(path):
             raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r} should hold a mapping of fields")
+        data = compat.from_nested(data) if compat.is_nested(data) else data
         for k, v in data.items():  # PyYAML reads 1e-5 (no dot) as a string
             if isinstance(v, str) and k in FIELDS and _base_type(FIELDS[k].type)[0] is float:
                 data[k] = parse_value(k, v)
@@ -241,12 +258,26 @@ def parse_args(argv):
                 i, value = i + 1, argv[i + 1]
         if key == "config":
             path = value
-        elif key not in FIELDS:
-            raise ValueError(f"unknown flag --{key}{did_you_mean(key, FIELDS)}")
+        elif key in ("type", "algo", "algorithm"):  # AlignTune's --type nmgrpo
+            flags.update(compat.algo_settings(value))
+        elif compat.FLAGS.get(key, key) not in FIELDS:
+            raise ValueError(f"unknown flag --{key}{did_you_mean(key, [*FIELDS, *compat.FLAGS])}")
         else:
+            key = compat.FLAGS.get(key, key)
+            if key in compat.LISTS and not value.strip().startswith("["):  # --reward-functions a,b
+                value = json.dumps([float(v) if key == "reward_function_weights" and _is_float(v) else v.strip()
+                                    for v in value.split(",") if v.strip()])
             flags[key] = parse_value(key, value)
         i += 1
     return path, flags
+
+
+def _is_float(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def load(argv):
@@ -285,7 +316,7 @@ def validate(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name}={value} must be a finite number")
     for key in ("mirror_coefficient", "mirror_init_scale", "beta", "weight_decay", "epsilon", "warmup_steps",
-                "top_k", "eval_size", "save_steps", "eval_steps", "log_completions"):
+                "top_k", "eval_size", "save_steps", "eval_steps"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 0")
     if cfg.num_generations < 2:
@@ -303,6 +334,10 @@ def validate(cfg):
                 and all(isinstance(t, str) and t for t in targets)):
             raise ValueError(f"lora_target_modules={targets!r} must be 'all-linear' or Linear names like "
                              "['q_proj', 'v_proj'] (or 'q_proj,v_proj')")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1)")
+    import logs
+    logs.check_loggers(cfg.loggers)
     if cfg.save_total_limit < 1:
         raise ValueError(f"save_total_limit={cfg.save_total_limit} must be at least 1")
     if (cfg.batch_size * cfg.num_generations) % cfg.gradient_accumulation_steps:

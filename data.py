@@ -123,7 +123,7 @@ def _split_rows(splits, split):
     return rows
 
 
-def _load(source, config_name, split, seed, max_samples):
+def _load(source, config_name, split, seed, max_samples, cache_dir=None):
     """A Dataset or list of row dicts for one split of `source`."""
     if isinstance(source, (list, tuple)):
         return _split_rows({"train": source}, split)
@@ -143,7 +143,7 @@ def _load(source, config_name, split, seed, max_samples):
         raise ValueError(f"dataset_name={source!r} is not an existing file or folder: check the path, "
                          "or give a Hub name like 'openai/gsm8k'")
     try:
-        return load_dataset(source, config_name, split=split)
+        return load_dataset(source, config_name, split=split, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError) as e:  # offline, or no such dataset on the Hub
         raise ValueError(f"dataset_name={source!r} could not be loaded ({str(e).splitlines()[0]}): check the "
                          "name, go online, or give a local file or folder") from None
@@ -212,7 +212,7 @@ def _prompt_key(prompt):
 
 
 def load_examples(source, *, config_name=None, split="train", eval_split=None, eval_size=0,
-                  max_samples=None, column_mapping=None, processing_fn=None, seed=42):
+                  max_samples=None, column_mapping=None, processing_fn=None, seed=42, cache_dir=None):
     """(train, eval) lists of {"prompt", "reference", **other columns} from one source.
 
     source: a Hub name, a .json/.jsonl/.csv/.parquet file (one "train" split), a folder (save_to_disk
@@ -224,6 +224,7 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
     max_samples keeps the first n rows of `split`, before eval carving. eval comes from eval_split
     (capped to eval_size rows when > 0) or, failing that, eval_size rows carved off train by a seeded
     shuffle. Train never shares a prompt with eval: overlapping train rows are dropped and logged.
+    cache_dir: where Hub datasets are cached (None: the datasets default).
     """
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
     preset, local = {}, isinstance(source, str) and os.path.isdir(source)
@@ -233,7 +234,7 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
     user_fn = _resolve_fn(processing_fn)
 
     def examples(split_, cap):
-        table = _load(source, config_name, split_, seed, max_samples)
+        table = _load(source, config_name, split_, seed, max_samples, cache_dir)
         if cap is not None:
             table = table.select(range(min(cap, len(table)))) if isinstance(table, Dataset) else table[:cap]
         rows = table.to_list() if isinstance(table, Dataset) else table

@@ -2,6 +2,8 @@
 
     python train.py --config configs/demo.py
     python train.py --config configs/gsm8k.py --learning_rate=2e-6
+    python train.py --config configs/nmgrpo_gsm8k.yaml      # AlignTune's YAML schema, its flags too
+    python train.py plot OUTPUT_DIR                         # PNGs of a run's metrics
 
 GRPO samples G completions per prompt, scores them, normalises the rewards within each group into
 advantages and raises the clipped likelihood ratio of the good ones. NMGRPO regularises toward the
@@ -11,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,6 +26,8 @@ from tqdm import tqdm
 
 import config as config_lib
 import data
+import logs
+import compat
 import lora
 import rewards as rewards_lib
 from logprobs import completion_logprobs, completion_loss
@@ -31,11 +36,13 @@ from sampler import sample
 
 RANK = 0  # this process's rank and the number of processes: a single process is rank 0 of 1
 WORLD = 1
+QUIET = False  # log_level WARNING or ERROR: no progress lines
+create_rl_trainer = compat.create_rl_trainer  # AlignTune's entry point: from train import create_rl_trainer
 
 
-def log(msg):
+def log(msg, warning=False):
     """The one console path: rank 0 only, above the progress bar."""
-    if RANK == 0:
+    if RANK == 0 and (warning or not QUIET):
         tqdm.write(str(msg))
 
 
@@ -59,11 +66,15 @@ def load_model(name, device, cfg, dtype=torch.float32):
     """A causal LM (weights in `dtype`) and its tokenizer through from_pretrained, with a clear error when missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name or name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name or name, cache_dir=cfg.cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_dir)
     except OSError as e:
         raise ValueError(f"model_name={name!r} could not be loaded ({str(e).splitlines()[0]}): give a local "
                          "folder with config.json and weights, or a Hub name while online") from None
+    if cfg.chat_template in (None, "none"):
+        tokenizer.chat_template = None  # plain text prompts
+    elif cfg.chat_template != "auto":
+        tokenizer.chat_template = cfg.chat_template
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -113,6 +124,11 @@ def build_optimizer(cfg, params):
 def setup(cfg):
     """Everything a run needs, checked before anything is written: a dict `run`."""
     from transformers import get_scheduler
+    global QUIET
+    QUIET = cfg.log_level in ("WARNING", "ERROR")
+    logging.getLogger().setLevel(cfg.log_level)
+    if cfg.backend == "trl":
+        log("note: backend='trl' runs on this engine (the same NMGRPO, our sampler and kernels)")
     torch.manual_seed(cfg.seed)
     device, amp_dtype = resolve_device(cfg)
     resume = resume_path(cfg) if cfg.resume else None
@@ -123,9 +139,10 @@ def setup(cfg):
     reward_fns = rewards_lib.resolve(cfg.rewards, cfg.reward_functions or
                                      (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights,
                                      device=device)
-    # full fine-tuning keeps fp32 master weights under autocast; a LoRA base is frozen, so it is stored in
-    # the run's precision, and its adapters train in fp32
-    model, tokenizer = load_model(cfg.model_name, device, cfg, amp_dtype if cfg.use_lora and amp_dtype else torch.float32)
+    # full fine-tuning keeps fp32 master weights under autocast; a frozen LoRA base is stored in bf16 when
+    # the run is bf16 (fp16 keeps it in fp32: fp16 weights overflow too easily), its adapters in fp32
+    bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16
+    model, tokenizer = load_model(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32)
     if cfg.use_lora:
         lora.inject(model, lora_targets(cfg), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -139,7 +156,7 @@ def setup(cfg):
     train_set, eval_set = data.load_examples(
         cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
         eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples, column_mapping=cfg.column_mapping,
-        processing_fn=cfg.processing_fn, seed=cfg.seed)
+        processing_fn=cfg.processing_fn, seed=cfg.seed, cache_dir=cfg.cache_dir)
     if len(train_set) < cfg.batch_size * WORLD:
         raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
                          f"x {WORLD} process(es): lower batch_size or add data")
@@ -155,8 +172,9 @@ def setup(cfg):
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         cfg.num_epochs * len(train_set) / (cfg.batch_size * WORLD))
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps * cfg.num_iterations)
+    updates = total_steps * cfg.num_iterations
+    warmup = math.ceil(cfg.warmup_ratio * updates) if cfg.warmup_ratio > 0 else cfg.warmup_steps
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
     return dict(cfg=cfg, device=device, amp_dtype=amp_dtype, model=model, ref_model=ref_model,
                 tokenizer=tokenizer, eos=stop_ids(model, tokenizer), prompt_cap=prompt_cap,
                 optimizer=optimizer, scheduler=scheduler,
@@ -330,11 +348,12 @@ def reference_logprobs(run, batch):
     if not cfg.use_lora:
         return torch.cat([batch_logprobs(run, run["ref_model"], batch, s)[0] for s in slices])
     was_training = model.training
-    with lora.adapters_off(model):
-        model.eval()
-        out = torch.cat([batch_logprobs(run, model, batch, s)[0] for s in slices])
-    model.train(was_training)
-    return out
+    try:
+        with lora.adapters_off(model):
+            model.eval()
+            return torch.cat([batch_logprobs(run, model, batch, s)[0] for s in slices])
+    finally:
+        model.train(was_training)
 
 
 def learn(run, batch, adv, loss_mask, ref_logp):
@@ -390,21 +409,24 @@ def optimizer_step(run):
 
 
 @contextlib.contextmanager
-def peak_memory(device, out, phase):
+def peak_memory(device, out, phase, enabled=True):
     """Record into out[phase] the peak memory of the block in MiB: CUDA memory allocated on a GPU, else
-    the process's peak resident set (Linux, whose high-water mark can be reset); None where unknown."""
-    if device.type == "cuda":
+    the process's peak resident set (Linux, whose high-water mark can be reset); None where unknown.
+    It resets the process's peak counters (CUDA peak stats; VmHWM and with it ru_maxrss)."""
+    reset = enabled
+    if enabled and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
+    elif enabled:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current resident set
         except OSError:
-            pass
+            reset = False  # no per-phase peak here (not Linux, or a kernel that refuses)
     try:
         yield
     finally:
-        out[phase] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mib()
+        if reset:
+            out[phase] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mib()
 
 
 def _peak_rss_mib():
@@ -428,7 +450,7 @@ def train_step(run):
     examples = [run["train_set"][i] for i in idx]
     gen = torch.Generator(run["device"]).manual_seed(step_seed(cfg, step, RANK))
     peaks = {}
-    with peak_memory(run["device"], peaks, "sample"):
+    with peak_memory(run["device"], peaks, "sample", cfg.memory_metrics):
         batch = rollout(run, examples, cfg.num_generations, generator=gen)
     t1 = time.perf_counter()
     group = [ex for ex in examples for _ in range(cfg.num_generations)]
@@ -440,9 +462,9 @@ def train_step(run):
     loss_mask = batch["mask"] * (~truncated)[:, None] if cfg.mask_truncated_completions else batch["mask"]
     t2 = time.perf_counter()
     lr = run["scheduler"].get_last_lr()[0]  # the rate this step's first update uses
-    with peak_memory(run["device"], peaks, "reference"):
+    with peak_memory(run["device"], peaks, "reference", cfg.memory_metrics):
         ref_logp = reference_logprobs(run, batch)
-    with peak_memory(run["device"], peaks, "learn"):
+    with peak_memory(run["device"], peaks, "learn", cfg.memory_metrics):
         sums = learn(run, batch, adv, loss_mask, ref_logp)
     t3 = time.perf_counter()
     tokens = max(loss_mask.sum().item(), 1)
@@ -468,8 +490,9 @@ def train_step(run):
     if "math_correctness" in columns:
         m["accuracy"] = m["rewards/math_correctness"]
     run["step"] += 1
-    return m, [dict(step=step + 1, prompt=ex["text"], completion=t, reward=r)
-               for ex, t, r in zip(group, batch["texts"], reward.tolist())]
+    per = [{name: col[i] for name, col in columns.items()} for i in range(len(group))]
+    return m, [dict(step=step + 1, prompt=ex["text"], completion=t, reward=r, rewards=p, advantage=a)
+               for ex, t, r, p, a in zip(group, batch["texts"], reward.tolist(), per, adv.tolist())]
 
 
 @torch.no_grad()
@@ -491,14 +514,17 @@ def evaluate(run):
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run):
-    """Write output_dir/checkpoint-STEP atomically (a temp folder, then a rename); keep the newest few."""
+def save_checkpoint(run, folder=None):
+    """Write output_dir/checkpoint-STEP (or `folder`) atomically (a temp folder, then a rename); keep the
+    newest few checkpoint-STEP folders."""
     cfg, step = run["cfg"], run["step"]
-    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(cfg.output_dir, f".tmp-checkpoint-{step}")
+    final = folder or os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(final)), f".tmp-{os.path.basename(final)}")
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.use_lora:  # the adapters alone, in PEFT's layout (the base is cfg.model_name)
-        lora.save_adapter(run["model"], tmp, base_model_name_or_path=cfg.model_name)
+        base = os.path.abspath(cfg.model_name) if os.path.isdir(cfg.model_name) else cfg.model_name
+        lora.save_adapter(run["model"], tmp, base_model_name_or_path=base)
     else:
         run["model"].save_pretrained(tmp)
     run["tokenizer"].save_pretrained(tmp)
@@ -643,32 +669,53 @@ def fit(run):
         json.dump(config_dict(cfg), f, indent=1)
     log(f"{cfg.model_name}: {sum(p.numel() for p in run['model'].parameters()):,} parameters on {run['device']}, "
         f"{len(run['train_set'])} train / {len(run['eval_set'])} held-out prompts, {run['total_steps']} steps")
+    loggers = logs.open_loggers(cfg.loggers, cfg.output_dir, cfg.run_name or os.path.basename(
+        os.path.abspath(cfg.output_dir)), config_dict(cfg), cfg.wandb_project) if RANK == 0 else []
+
+    def record(m, completions=()):
+        append_jsonl(metrics_path, [m])
+        if cfg.log_completions:
+            append_jsonl(samples_path, completions)
+        for logger in loggers:
+            logger.log(m, m["step"])
+        log(fmt(m))
+
     do_eval = len(run["eval_set"]) > 0
-    last, ckpt = {}, None
-    if do_eval and cfg.eval_on_start and run["step"] == 0:
-        last = {"step": 0, **evaluate(run)}
-        append_jsonl(metrics_path, [last])
-        log(fmt(last))
-    bar = tqdm(total=run["total_steps"], initial=run["step"], disable=RANK != 0, desc="nmgrpo", dynamic_ncols=True)
-    while run["step"] < run["total_steps"]:
-        m, completions = train_step(run)
-        step = run["step"]
-        if m["truncated_frac"] > 0.5:
-            m["warning"] = "over half the completions hit max_completion_length"
-        if do_eval and (cfg.eval_steps and step % cfg.eval_steps == 0 or step == run["total_steps"]):
-            m.update(evaluate(run))
-        if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"]:
-            append_jsonl(metrics_path, [m])
-            append_jsonl(samples_path, completions[:cfg.log_completions])
-            log(fmt(m))
-        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"]:
-            ckpt = save_checkpoint(run) if RANK == 0 else None
-        bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
-        bar.update(1)
-        last = m
-    bar.close()
+    last, ckpt, evals, t0, tokens = {}, None, [], time.perf_counter(), 0
+    try:
+        if do_eval and cfg.eval_on_start and run["step"] == 0:
+            last = {"step": 0, **evaluate(run)}
+            evals.append(last)
+            record(last)
+        bar = tqdm(total=run["total_steps"], initial=run["step"], disable=RANK != 0 or QUIET, desc="nmgrpo",
+                   dynamic_ncols=True)
+        while run["step"] < run["total_steps"]:
+            m, completions = train_step(run)
+            step, tokens = run["step"], tokens + m["completion_length"] * len(completions)
+            if m["truncated_frac"] > 0.5:
+                m["warning"] = "over half the completions hit max_completion_length"
+            if do_eval and (cfg.eval_steps and step % cfg.eval_steps == 0 or step == run["total_steps"]):
+                m.update(evaluate(run))
+                evals.append(m)
+            if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"]:
+                record(m, completions)
+                log(logs.completions_table(completions, width=min(shutil.get_terminal_size().columns, 160)))
+            if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"]:
+                ckpt = save_checkpoint(run) if RANK == 0 else None
+            bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
+            bar.update(1)
+            last = m
+        bar.close()
+    finally:
+        for logger in loggers:
+            logger.close()
+    key = "eval/accuracy" if any("eval/accuracy" in e for e in evals) else "eval/reward"
+    best = max(evals, key=lambda e: e.get(key, float("-inf")), default=None)
+    pick = lambda e: e and {"step": e["step"], **{k: v for k, v in e.items() if k.startswith("eval/")}}  # noqa: E731
+    log(logs.run_summary(run["step"], time.perf_counter() - t0, tokens / max(time.perf_counter() - t0, 1e-9),
+                         pick(best), pick(evals[-1] if evals else None), ckpt, output_dir=cfg.output_dir))
     return {"metrics": last, "output_dir": cfg.output_dir, "checkpoint": ckpt, "steps": run["step"],
-            "skipped_steps": run["skipped_steps"]}
+            "skipped_steps": run["skipped_steps"], "best_eval": pick(best)}
 
 
 def fmt(m):
@@ -679,6 +726,8 @@ def fmt(m):
 
 
 def main(argv):
+    if argv[:1] == ["plot"]:
+        return logs.main(argv[1:])
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\nEvery knob (--key=value or --key value; dashes or underscores):" + config_lib.describe())
         return 0
@@ -687,8 +736,7 @@ def main(argv):
     except ValueError as e:  # a config that cannot run: one line that names the key and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = fit(run)
-    log(f"done: {result['steps']} steps, checkpoint {result['checkpoint']}")
+    fit(run)
     return 0
 
 

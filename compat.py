@@ -1,0 +1,233 @@
+"""AlignTune's ways in, mapped onto our Config: its YAML/JSON schema, its CLI flags, create_rl_trainer.
+
+Every key of AlignTune's schema either maps to a Config field here or stops with an error that
+names it and says why; nothing is silently dropped. The nested schema (algo, model, datasets,
+train, logging, distributed, caching, chat_template, rewards) is recognised by its sections; a flat
+mapping of our own field names passes through untouched.
+"""
+import difflib
+import time
+
+# algo -> the settings it implies (anything the config sets explicitly wins)
+ALGOS = {"nmgrpo": {}, "grpo": {"divergence_type": "kl"}, "dapo": {"loss_type": "dapo", "divergence_type": "none"},
+         "drgrpo": {"loss_type": "dr_grpo", "scale_rewards": "none", "divergence_type": "none"}}
+
+# section -> {AlignTune key: our field}; None: accepted only at the value in NEUTRAL (it changes nothing here)
+MODEL = {"name_or_path": "model_name", "precision": "precision", "gradient_checkpointing": "gradient_checkpointing",
+         "max_seq_length": "max_seq_length", "use_peft": "use_lora", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
+         "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules", "tokenizer_name": "tokenizer_name",
+         "disable_dropout": None, "trust_remote_code": None, "device_map": None, "attn_implementation": None,
+         "backend": None}
+DATASET = {"name": "dataset_name", "split": "split", "config_name": "dataset_config", "subset": "dataset_config",
+           "column_mapping": "column_mapping", "system_prompt": "system_prompt", "max_samples": "max_samples",
+           "processing_fn": "processing_fn", "percent": None, "task_type": None, "weight": None}
+TRAIN = {"epochs": "num_epochs", "max_steps": "max_steps", "per_device_batch_size": "batch_size",
+         "batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation_steps",
+         "learning_rate": "learning_rate", "num_generations": "num_generations",
+         "mirror_coefficient": "mirror_coefficient", "mirror_init_scale": "mirror_init_scale",
+         "mirror_seed": "mirror_seed", "divergence_type": "divergence_type", "optimizer": "optimizer",
+         "lr_scheduler": "lr_scheduler", "weight_decay": "weight_decay", "warmup_steps": "warmup_steps",
+         "warmup_ratio": "warmup_ratio", "max_grad_norm": "max_grad_norm", "max_prompt_length": "max_prompt_length",
+         "max_completion_length": "max_completion_length", "temperature": "temperature", "top_p": "top_p",
+         "beta": "beta", "kl_coef": "beta", "epsilon": "epsilon", "cliprange": "epsilon", "loss_type": "loss_type",
+         "scale_rewards": "scale_rewards", "mask_truncated_completions": "mask_truncated_completions",
+         "enable_thinking": "enable_thinking", "seed": "seed", "save_steps": "save_steps",
+         "save_total_limit": "save_total_limit", "eval_steps": "eval_steps", "logging_steps": "logging_steps",
+         "per_device_eval_batch_size": "eval_batch_size", "rewards": "rewards", "reward_functions": "reward_functions",
+         "reward_function_weights": "reward_function_weights", "num_iterations": "num_iterations",
+         "wandb_project": "wandb_project", "eval_interval": "eval_steps", "save_interval": "save_steps",
+         "save_strategy": None, "eval_strategy": None, "logging_strategy": None, "use_cache": None,
+         "group_by_length": None}
+LOGGING = {"output_dir": "output_dir", "run_name": "run_name", "loggers": "loggers", "report_to": "loggers",
+           "wandb_project": "wandb_project", "logging_steps": "logging_steps", "save_steps": "save_steps",
+           "eval_steps": "eval_steps", "log_level": "log_level", "sample_logging": "sample_logging"}
+DISTRIBUTED = {"backend": None, "nodes": None, "gpus_per_node": None, "seed": "seed"}
+CACHING = {"root": "cache_dir", "enabled": None}
+SECTIONS = {"model": MODEL, "train": TRAIN, "training": TRAIN, "logging": LOGGING, "distributed": DISTRIBUTED,
+            "caching": CACHING}
+TOP = ("algo", "algorithm", "model", "datasets", "dataset", "train", "training", "logging", "distributed", "caching",
+       "chat_template", "rewards", "backend")
+# keys accepted without a field, at the values that mean what we always do
+NEUTRAL = {"model.disable_dropout": (True,), "model.trust_remote_code": (False, True), "model.device_map": (None, "auto"),
+           "model.attn_implementation": (None, "auto", "sdpa", "eager"), "model.backend": ("trl",),
+           "datasets.percent": (None, 100), "datasets.task_type": (None, "conversation", "grpo"),
+           "datasets.weight": (1, 1.0), "train.save_strategy": ("steps",), "train.eval_strategy": ("no", "steps"),
+           "train.logging_strategy": ("steps",), "train.use_cache": (None, False, True, (False,)),
+           "train.group_by_length": (True, False), "distributed.backend": ("single",), "distributed.nodes": (1,),
+           "distributed.gpus_per_node": (1,), "caching.enabled": (True, False)}
+WHY = {"distributed.backend": "only 'single' runs in this version",
+       "distributed.nodes": "one node in this version", "distributed.gpus_per_node": "one GPU per run in this version",
+       "model.trust_remote_code": "", "model.backend": "the engine is our own",
+       "datasets.percent": "give the slice in split instead, e.g. split: 'train[:10%]'",
+       "model.disable_dropout": "dropout is always off (the sampler and learner must agree)"}
+
+
+def _did_you_mean(word, options):
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def is_nested(data):
+    """Whether a config mapping is in AlignTune's nested schema (it has one of its sections)."""
+    return any(k in data for k in ("algo", "algorithm", "model", "datasets", "dataset", "train", "training")) and \
+        any(isinstance(data.get(k), (dict, list)) for k in ("model", "datasets", "dataset", "train", "training"))
+
+
+def _neutral(path, value):
+    ok = NEUTRAL.get(path, ())
+    if ok is None or value in ok:
+        return
+    why = WHY.get(path) or "it has no meaning for this trainer"
+    raise ValueError(f"{path}={value!r} is not supported: {why}; remove the key or set it to {ok[0]!r}")
+
+
+def _section(name, values, table, out):
+    if not isinstance(values, dict):
+        raise ValueError(f"'{name}' should be a mapping of keys, got {type(values).__name__}")
+    for key, value in values.items():
+        path = f"{name}.{key}"
+        if key not in table:
+            raise ValueError(f"unknown key '{path}'{_did_you_mean(key, table)}: it maps to nothing here")
+        field = table[key]
+        if field is None:
+            _neutral(f"{'datasets' if name == 'dataset' else name.replace('training', 'train')}.{key}", value)
+        elif field in out and out[field] != value:
+            raise ValueError(f"'{path}' sets {field}={value!r}, which another key already set to {out[field]!r}")
+        else:
+            out[field] = value
+
+
+ROLE = {"prompt": "prompt", "query": "prompt", "question": "prompt", "instruction": "prompt", "text": "reference",
+        "answer": "reference", "response": "reference", "completion": "reference", "reference": "reference",
+        "solution": "reference", "ground_truth": "reference", "target": "reference"}
+
+
+def column_mapping(mapping):
+    """AlignTune writes {role: dataset column} ({prompt: question, text: answer}); ours is {column: role}."""
+    if not mapping:
+        return mapping
+    if all(k in ROLE for k in mapping) and not all(v in ("prompt", "reference") for v in mapping.values()):
+        return {column: ROLE[role] for role, column in mapping.items()}
+    return dict(mapping)
+
+
+def from_nested(data):
+    """Our {field: value} from a config in AlignTune's nested schema; ValueError names any key that maps to nothing."""
+    for key in data:
+        if key not in TOP:
+            raise ValueError(f"unknown top-level key '{key}'{_did_you_mean(key, TOP)}; AlignTune's sections are "
+                             f"{', '.join(TOP)}")
+    out = {}
+    algo = str(data.get("algo", data.get("algorithm", "nmgrpo"))).lower()
+    if algo not in ALGOS:
+        raise ValueError(f"algo={algo!r}: this trainer runs {', '.join(ALGOS)}{_did_you_mean(algo, ALGOS)}")
+    for name in ("model", "train", "training", "logging", "distributed", "caching"):
+        if name in data and data[name] is not None:
+            _section(name, data[name], SECTIONS[name], out)
+    sets = data.get("datasets", data.get("dataset"))
+    if sets is not None:
+        sets = [sets] if isinstance(sets, dict) else sets
+        if not isinstance(sets, list) or len(sets) != 1:
+            raise ValueError(f"datasets: give exactly one dataset (got {len(sets) if isinstance(sets, list) else sets!r}); "
+                             "mixtures are not supported here")
+        _section("datasets", sets[0], DATASET, out)
+    if "column_mapping" in out:
+        out["column_mapping"] = column_mapping(out["column_mapping"])
+    if "sample_logging" in out:  # {enabled, ...}: every rollout of a logging step goes to samples.jsonl
+        sl = out.pop("sample_logging") or {}
+        out["log_completions"] = bool(sl.get("enabled"))
+    if "rewards" in data:
+        if "rewards" in out:
+            raise ValueError("rewards are given both at the top level and under train: keep one")
+        out["rewards"] = data["rewards"]
+    if "chat_template" in data:
+        out["chat_template"] = data["chat_template"]
+    if "backend" in data:
+        out["backend"] = data["backend"]
+    for field, value in ALGOS[algo].items():
+        out.setdefault(field, value)
+    if out.get("loggers") == "none" or out.get("loggers") == ["none"]:
+        out["loggers"] = []
+    elif isinstance(out.get("loggers"), str):
+        out["loggers"] = [out["loggers"]]
+    return out
+
+
+# AlignTune's CLI flags (dashes as underscores) -> our fields; comma lists are split for LISTS
+FLAGS = {"model": "model_name", "dataset": "dataset_name", "output": "output_dir", "epochs": "num_epochs",
+         "batch_size": "batch_size", "lr": "learning_rate", "max_length": "max_seq_length", "use_peft": "use_lora",
+         "lora_targets": "lora_target_modules", "config_name": "dataset_config", "subset": "dataset_config",
+         "grad_accum": "gradient_accumulation_steps", "kl_coef": "beta", "cliprange": "epsilon",
+         "eval_batch_size": "eval_batch_size", "eval_interval": "eval_steps", "save_interval": "save_steps",
+         "cache_dir": "cache_dir", "use_gradient_checkpointing": "gradient_checkpointing"}
+LISTS = ("reward_functions", "reward_function_weights", "loggers", "lora_target_modules")
+
+
+def algo_settings(name):
+    """The settings of --type/--algo NAME."""
+    name = str(name).lower()
+    if name not in ALGOS:
+        raise ValueError(f"--type={name!r}: this trainer runs {', '.join(ALGOS)}{_did_you_mean(name, ALGOS)}")
+    return dict(ALGOS[name])
+
+
+# create_rl_trainer's keyword names -> our fields
+KWARGS = {"num_epochs": "num_epochs", "batch_size": "batch_size", "use_peft": "use_lora", "max_seq_length":
+          "max_seq_length", "use_gradient_checkpointing": "gradient_checkpointing", "config_name": "dataset_config",
+          "kl_coef": "beta", "cliprange": "epsilon", "cache_dir": "cache_dir", "eval_batch_size": "eval_batch_size"}
+
+
+class RLTrainer:
+    """What create_rl_trainer returns: .train() runs NMGRPO and returns the results dict."""
+
+    def __init__(self, cfg):
+        self.cfg, self.run, self.results = cfg, None, None
+
+    def train(self):
+        """Train; the results dict under AlignTune's names (and ours: output_dir, checkpoint, steps)."""
+        import train as trainer
+        t0 = time.perf_counter()
+        self.run = trainer.setup(self.cfg)
+        out = trainer.fit(self.run)
+        metrics = out["metrics"]
+        self.results = {"training_time": time.perf_counter() - t0, "final_loss": metrics.get("loss"),
+                        "total_steps": out["steps"], "model_path": out["checkpoint"], "metrics": metrics,
+                        "num_reward_functions": len(self.run["rewards"]),
+                        "mirror_coefficient": self.cfg.mirror_coefficient,
+                        "mirror_init_scale": self.cfg.mirror_init_scale, "divergence_type": self.cfg.divergence_type,
+                        **out}
+        return self.results
+
+    def evaluate(self):
+        """Held-out metrics (eval/accuracy, eval/reward) of the current weights."""
+        import train as trainer
+        if self.run is None:
+            self.run = trainer.setup(self.cfg)
+        return trainer.evaluate(self.run)
+
+    def save_model(self, path=None):
+        """A checkpoint of the current weights (in output_dir unless `path`); returns its folder."""
+        import train as trainer
+        if self.run is None:
+            raise ValueError("save_model: nothing trained yet; call .train() first")
+        return trainer.save_checkpoint(self.run, path)
+
+
+def create_rl_trainer(model_name=None, dataset_name=None, algorithm="nmgrpo", backend="auto", config=None, **kwargs):
+    """AlignTune's entry point: a trainer over our Config. `config` is a YAML/JSON path or a mapping (either
+    schema); keyword arguments (our field names or AlignTune's) win over it. backend 'trl' is accepted with a
+    note: the engine is our own."""
+    import config as config_lib
+    values = {}
+    if config is not None:
+        values = config_lib.read_file(config) if isinstance(config, str) else dict(config)
+        values = from_nested(values) if is_nested(values) else values
+    values.update(algo_settings(algorithm) if "algo" not in kwargs else {})
+    if model_name is not None:
+        values["model_name"] = model_name
+    if dataset_name is not None:
+        values["dataset_name"] = dataset_name
+    for key, value in kwargs.items():
+        values[KWARGS.get(key, key)] = value
+    values.setdefault("backend", backend)
+    return RLTrainer(config_lib.make(values))
