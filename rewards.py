@@ -74,19 +74,23 @@ REWARDS = {}  # name -> reward function
 CHECKS = {}  # name -> function(**params) that raises ValueError on bad params (or a missing extra or model)
 BATCHED = {}  # name -> function(texts, references, rows, **params) -> list of floats
 INFO = {}  # name -> (low, high, extra): the range of its values and the pip extra it needs (or None)
+NEEDS = {}  # name -> dataset columns of which it needs at least one
 ALIASES = {"math": "math_reasoning", "code": "code_quality"}  # another name -> registered name
 
 
-def register(name, check=None, batch=None, low=0.0, high=1.0, extra=None):
+def register(name, check=None, batch=None, low=0.0, high=1.0, extra=None, needs=()):
     """
     Decorator: add a reward function to REWARDS under `name`. `check(**params)` raises ValueError on bad
     params, or on a missing extra or model, so that resolve() stops before training; `batch(texts,
     references, rows, **params)` scores a whole batch at once (rows: one dict of columns per text);
-    [low, high] is the range of its values and `extra` the pip install line it needs, for `list`.
+    [low, high] is the range of its values and `extra` the pip install line it needs, for `list`;
+    `needs`: dataset columns of which every row must have one (check_columns).
     """
     def deco(fn):
         REWARDS[name] = fn
         INFO[name] = (low, high, extra)
+        if needs:
+            NEEDS[name] = tuple(needs)
         if check is not None:
             CHECKS[name] = check
         if batch is not None:
@@ -2178,7 +2182,8 @@ def code_execution(text, reference=None, timeout=5.0, memory_mb=512, max_workers
     return _execution_batch([text], [reference], [kwargs], timeout, memory_mb, max_workers, sandbox)[0]
 
 
-@register("code_correctness", check=_check_sandbox, batch=_correctness_batch, extra="Linux")
+@register("code_correctness", check=_check_sandbox, batch=_correctness_batch, extra="Linux",
+          needs=("test_list", "test_cases"))
 def code_correctness(text, reference=None, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto", **kwargs):
     """Share of the row's tests (MBPP asserts, stdin/stdout cases) passed in the sandbox.
 
@@ -2399,6 +2404,15 @@ def score(rewards, texts, references, rows=None):
             total[i] += r.weight * v
         columns[r.name] = col
     return total, columns
+
+
+def check_columns(rewards, columns):
+    """ValueError when a resolved reward needs a dataset column that `columns` (a row's keys) lacks."""
+    for r in rewards:
+        name = next((n for n, f in REWARDS.items() if f is r.fn), None)
+        if name in NEEDS and not set(NEEDS[name]) & set(columns):
+            raise ValueError(f"reward {r.name!r} needs a {' or '.join(NEEDS[name])} column, and the dataset has "
+                             f"{', '.join(sorted(columns))}: use a dataset with tests (e.g. mbpp) or drop the reward")
 
 
 def catalogue():

@@ -157,6 +157,7 @@ def setup(cfg):
         cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
         eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples, column_mapping=cfg.column_mapping,
         processing_fn=cfg.processing_fn, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    rewards_lib.check_columns(reward_fns, train_set[0].keys() if train_set else ())
     if len(train_set) < cfg.batch_size * WORLD:
         raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
                          f"x {WORLD} process(es): lower batch_size or add data")
