@@ -38,7 +38,7 @@ TRAIN = {"epochs": "num_epochs", "max_steps": "max_steps", "per_device_batch_siz
          "wandb_project": "wandb_project", "eval_interval": "eval_steps", "save_interval": "save_steps",
          "save_strategy": None, "eval_strategy": None, "logging_strategy": None, "use_cache": None,
          "group_by_length": None}
-LOGGING = {"output_dir": "output_dir", "run_name": "run_name", "loggers": "loggers", "report_to": "loggers",
+LOGGING = {"output_dir": "output_dir", "run_name": "run_name", "loggers": "loggers", "report_to": "report_to",
            "wandb_project": "wandb_project", "logging_steps": "logging_steps", "save_steps": "save_steps",
            "eval_steps": "eval_steps", "log_level": "log_level", "sample_logging": "sample_logging"}
 DISTRIBUTED = {"backend": None, "nodes": None, "gpus_per_node": None, "seed": "seed"}
@@ -146,10 +146,13 @@ def from_nested(data):
         out["backend"] = data["backend"]
     for field, value in ALGOS[algo].items():
         out.setdefault(field, value)
-    if out.get("loggers") == "none" or out.get("loggers") == ["none"]:
-        out["loggers"] = []
-    elif isinstance(out.get("loggers"), str):
-        out["loggers"] = [out["loggers"]]
+    for key in ("loggers", "report_to"):  # HF's report_to names loggers too; "none" adds nothing
+        value = out.get(key)
+        value = [] if value in (None, "none", ["none"]) else [value] if isinstance(value, str) else list(value)
+        if key in out:
+            out[key] = value
+    if "report_to" in out:
+        out["loggers"] = list(dict.fromkeys(out.get("loggers", []) + out.pop("report_to")))
     return out
 
 

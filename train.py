@@ -730,7 +730,9 @@ def main(argv):
     if argv[:1] == ["plot"]:
         return logs.main(argv[1:])
     if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nEvery knob (--key=value or --key value; dashes or underscores):" + config_lib.describe())
+        print(__doc__ + "\nEvery knob (--key=value or --key value; dashes or underscores):" + config_lib.describe()
+              + "\n\nAlignTune's flags work too: --type/--algo NAME, "
+              + ", ".join(f"--{k.replace('_', '-')} ({v})" for k, v in compat.FLAGS.items()))
         return 0
     try:
         run = setup(config_lib.load(argv))

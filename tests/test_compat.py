@@ -242,7 +242,9 @@ def test_plot_summary_table_and_tensorboard(small, tmp_path, capsys):
     loggers = ["tensorboard"] if _has("tensorboard") else []
     cfg = config.make(**{**small, "rewards": [{"type": "length", "params": {"target_length": 3}}], "loggers": loggers})
     train.train(cfg)
-    logged = capsys.readouterr().out + capsys.readouterr().err
+    logged = capsys.readouterr().out
+    assert "done: 2 steps" in logged and "checkpoint:" in logged  # the run summary
+    assert "completion" in logged and "adv" in logged  # the completions table
     assert train.main(["plot", cfg.output_dir]) == 0
     pngs = sorted(os.listdir(os.path.join(cfg.output_dir, "plots")))
     assert "reward.png" in pngs and "lr.png" in pngs
@@ -263,3 +265,21 @@ def _has(module):
 
 def test_yaml_example_parses_as_yaml():
     assert yaml.safe_load(README_YAML.format(model="m", data="d", out="o", cache="c"))["algo"] == "nmgrpo"
+
+
+def test_json_in_the_nested_schema_and_report_to(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"algo": "grpo", "model": {"name_or_path": "m", "use_peft": False},
+                                "train": {"per_device_batch_size": 3, "kl_coef": 0.05},
+                                "logging": {"loggers": ["tensorboard"], "report_to": "none"}}))
+    cfg = config.load(["--config", str(path)])
+    assert (cfg.model_name, cfg.batch_size, cfg.beta, cfg.divergence_type, cfg.loggers) == ("m", 3, 0.05, "kl",
+                                                                                          ["tensorboard"])
+
+
+def test_help_lists_every_knob_and_the_aliases(capsys):
+    assert train.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for f in config.FIELDS:
+        assert f"--{f}=" in out, f
+    assert "--batch-size (batch_size)" in out and "--type/--algo" in out
