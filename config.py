@@ -264,9 +264,9 @@ def parse_args(argv):
             raise ValueError(f"unknown flag --{key}{did_you_mean(key, [*FIELDS, *compat.FLAGS])}")
         else:
             key = compat.FLAGS.get(key, key)
-            if key in compat.LISTS and not value.strip().startswith("["):  # --reward-functions a,b
+            if key in compat.LISTS and not value.strip().startswith("[") and value.strip().lower() not in ("none", "null"):
                 value = json.dumps([float(v) if key == "reward_function_weights" and _is_float(v) else v.strip()
-                                    for v in value.split(",") if v.strip()])
+                                    for v in value.split(",") if v.strip()])  # --reward-functions a,b
             flags[key] = parse_value(key, value)
         i += 1
     return path, flags
