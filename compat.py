@@ -6,10 +6,11 @@ train, logging, distributed, caching, chat_template, rewards) is recognised by i
 mapping of our own field names passes through untouched.
 """
 import difflib
+import os
 import time
 
 # algo -> the settings it implies (anything the config sets explicitly wins)
-ALGOS = {"nmgrpo": {}, "grpo": {"divergence_type": "kl"}, "dapo": {"loss_type": "dapo", "divergence_type": "none"},
+ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_type": "kl"}, "dapo": {"loss_type": "dapo", "divergence_type": "none"},
          "drgrpo": {"loss_type": "dr_grpo", "scale_rewards": "none", "divergence_type": "none"}}
 
 # section -> {AlignTune key: our field}; None: accepted only at the value in NEUTRAL (it changes nothing here)
@@ -68,9 +69,11 @@ def _did_you_mean(word, options):
 
 
 def is_nested(data):
-    """Whether a config mapping is in AlignTune's nested schema (it has one of its sections)."""
-    return any(k in data for k in ("algo", "algorithm", "model", "datasets", "dataset", "train", "training")) and \
-        any(isinstance(data.get(k), (dict, list)) for k in ("model", "datasets", "dataset", "train", "training"))
+    """Whether a config mapping is in AlignTune's nested schema: it names an algo or holds one of its sections
+    (none of which is a field of ours)."""
+    return "algo" in data or "algorithm" in data or any(
+        isinstance(data.get(k), (dict, list)) for k in ("model", "datasets", "dataset", "train", "training", "logging",
+                                                        "distributed", "caching"))
 
 
 def _neutral(path, value):
@@ -106,6 +109,8 @@ def column_mapping(mapping):
     """AlignTune writes {role: dataset column} ({prompt: question, text: answer}); ours is {column: role}."""
     if not mapping:
         return mapping
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ValueError(f"column_mapping={mapping!r} should map names to names, e.g. {{prompt: question, text: answer}}")
     if all(k in ROLE for k in mapping) and not all(v in ("prompt", "reference") for v in mapping.values()):
         return {column: ROLE[role] for role, column in mapping.items()}
     return dict(mapping)
@@ -133,8 +138,13 @@ def from_nested(data):
         _section("datasets", sets[0], DATASET, out)
     if "column_mapping" in out:
         out["column_mapping"] = column_mapping(out["column_mapping"])
-    if "sample_logging" in out:  # {enabled, ...}: every rollout of a logging step goes to samples.jsonl
-        sl = out.pop("sample_logging") or {}
+    if "sample_logging" in out:  # enabled: every rollout of a logging step goes to samples.jsonl
+        sl = out.pop("sample_logging")
+        sl = sl if isinstance(sl, dict) else {"enabled": bool(sl)}
+        extra = sorted(set(sl) - {"enabled"})
+        if extra:
+            raise ValueError(f"logging.sample_logging.{extra[0]} has no meaning here: samples.jsonl gets every rollout "
+                             "of each logging step; keep only 'enabled'")
         out["log_completions"] = bool(sl.get("enabled"))
     if "rewards" in data:
         if "rewards" in out:
@@ -146,11 +156,16 @@ def from_nested(data):
         out["backend"] = data["backend"]
     for field, value in ALGOS[algo].items():
         out.setdefault(field, value)
+    if "num_epochs" in out and "max_steps" not in out:  # epochs alone: train for them
+        out["max_steps"] = -1
     for key in ("loggers", "report_to"):  # HF's report_to names loggers too; "none" adds nothing
-        value = out.get(key)
-        value = [] if value in (None, "none", ["none"]) else [value] if isinstance(value, str) else list(value)
-        if key in out:
-            out[key] = value
+        if key not in out:
+            continue
+        value = out[key]
+        value = [] if value in (None, "none", ["none"]) else [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"logging.{key}={out[key]!r} should be a list of names like [tensorboard, wandb]")
+        out[key] = value
     if "report_to" in out:
         out["loggers"] = list(dict.fromkeys(out.get("loggers", []) + out.pop("report_to")))
     return out
@@ -209,10 +224,14 @@ class RLTrainer:
         return trainer.evaluate(self.run)
 
     def save_model(self, path=None):
-        """A checkpoint of the current weights (in output_dir unless `path`); returns its folder."""
+        """A checkpoint of the current weights (in output_dir unless `path`, a new or empty folder, or an
+        earlier checkpoint); returns its folder."""
         import train as trainer
         if self.run is None:
             raise ValueError("save_model: nothing trained yet; call .train() first")
+        busy = path and os.path.isdir(path) and os.listdir(path)
+        if busy and not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            raise ValueError(f"save_model: {path!r} holds other files; give a new or empty folder")
         return trainer.save_checkpoint(self.run, path)
 
 
@@ -223,14 +242,17 @@ def create_rl_trainer(model_name=None, dataset_name=None, algorithm="nmgrpo", ba
     import config as config_lib
     values = {}
     if config is not None:
-        values = config_lib.read_file(config) if isinstance(config, str) else dict(config)
+        values = config_lib.read_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
         values = from_nested(values) if is_nested(values) else values
-    values.update(algo_settings(algorithm) if "algo" not in kwargs else {})
     if model_name is not None:
         values["model_name"] = model_name
     if dataset_name is not None:
         values["dataset_name"] = dataset_name
     for key, value in kwargs.items():
-        values[KWARGS.get(key, key)] = value
+        values[KWARGS.get(key, key)] = column_mapping(value) if key == "column_mapping" else value
+    for key, value in algo_settings(algorithm).items():  # what the algorithm implies, unless set
+        values.setdefault(key, value)
+    if "num_epochs" in kwargs and "max_steps" not in kwargs:
+        values.setdefault("max_steps", -1)
     values.setdefault("backend", backend)
     return RLTrainer(config_lib.make(values))

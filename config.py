@@ -52,12 +52,12 @@ class Config:
     max_samples: Optional[int] = _f(None, "cap on training examples", "data")
     column_mapping: dict = _f({}, "dataset column -> role ('prompt', 'reference'), e.g. {'question': 'prompt'}", "data")
     system_prompt: Optional[str] = _f(None, "system message put before every prompt", "data")
-    chat_template: Optional[str] = _f("auto", "'auto': the tokenizer's own; 'none': plain text; else a Jinja template", "data")
+    chat_template: Optional[str] = _f("auto", "'auto' or None: the tokenizer's own; 'none': plain text; else a Jinja template", "data")
     cache_dir: Optional[str] = _f(None, "where Hugging Face models and datasets are cached (None: their default)", "data")
     processing_fn: Any = _f(None, "callable row -> row (or 'module:function') applied before mapping", "data")
     # training
     num_epochs: int = _f(1, "passes over the training prompts (used when max_steps <= 0)", "training")
-    max_steps: int = _f(1600, "sampling steps; > 0 overrides num_epochs", "training")
+    max_steps: int = _f(1600, "sampling steps; > 0 overrides num_epochs (--epochs alone sets it to -1)", "training")
     batch_size: int = _f(16, "prompts per device per step", "training")
     num_generations: int = _f(32, "completions sampled per prompt (the group size G)", "training")
     gradient_accumulation_steps: int = _f(1, "micro-batches each step's B*G completions are cut into", "training")
@@ -240,35 +240,42 @@ def make(overrides=None, **kwargs):
 
 
 def parse_args(argv):
-    """(config file or None, {key: raw string}) from `--config FILE --key=value --key value ...`."""
-    path, flags, i = None, {}, 0
+    """(config file or None, {key: value}) from `--config FILE --key=value --key value ...`; AlignTune's
+    flag names are aliases (compat.FLAGS), and its --type/--algo sets what the algorithm implies unless a
+    flag sets it too; --epochs without --max-steps trains for those epochs."""
+    path, flags, algo, i = None, {}, {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}: use --key=value")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        key = compat.FLAGS.get(name, name)
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 if key in FIELDS and _base_type(FIELDS[key].type)[0] is bool:
-                    value = "true"
+                    value = "true"  # a bare boolean flag: --use-peft
                 else:
-                    raise ValueError(f"--{key} needs a value: --{key}=VALUE")
+                    raise ValueError(f"--{name} needs a value: --{name}=VALUE")
             else:
                 i, value = i + 1, argv[i + 1]
         if key == "config":
             path = value
         elif key in ("type", "algo", "algorithm"):  # AlignTune's --type nmgrpo
-            flags.update(compat.algo_settings(value))
-        elif compat.FLAGS.get(key, key) not in FIELDS:
-            raise ValueError(f"unknown flag --{key}{did_you_mean(key, [*FIELDS, *compat.FLAGS])}")
+            algo = compat.algo_settings(value)
+        elif key not in FIELDS:
+            raise ValueError(f"unknown flag --{name}{did_you_mean(name, [*FIELDS, *compat.FLAGS])}")
         else:
-            key = compat.FLAGS.get(key, key)
-            if key in compat.LISTS and not value.strip().startswith("[") and value.strip().lower() not in ("none", "null"):
+            text = value.strip()
+            if key in compat.LISTS and not text.startswith("[") and text.lower() not in ("none", "null"):
                 value = json.dumps([float(v) if key == "reward_function_weights" and _is_float(v) else v.strip()
                                     for v in value.split(",") if v.strip()])  # --reward-functions a,b
             flags[key] = parse_value(key, value)
         i += 1
+    for k, v in algo.items():
+        flags.setdefault(k, v)
+    if "num_epochs" in flags and "max_steps" not in flags:
+        flags["max_steps"] = -1
     return path, flags
 
 
@@ -334,6 +341,9 @@ def validate(cfg):
                 and all(isinstance(t, str) and t for t in targets)):
             raise ValueError(f"lora_target_modules={targets!r} must be 'all-linear' or Linear names like "
                              "['q_proj', 'v_proj'] (or 'q_proj,v_proj')")
+    if cfg.chat_template not in (None, "auto", "none") and not ("{{" in cfg.chat_template or "{%" in cfg.chat_template):
+        raise ValueError(f"chat_template={cfg.chat_template!r} is not a Jinja template: use 'auto' (the tokenizer's), "
+                         "'none' (plain text) or a template string with {{ }} / {% %}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1)")
     import logs

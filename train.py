@@ -71,9 +71,9 @@ def load_model(name, device, cfg, dtype=torch.float32):
     except OSError as e:
         raise ValueError(f"model_name={name!r} could not be loaded ({str(e).splitlines()[0]}): give a local "
                          "folder with config.json and weights, or a Hub name while online") from None
-    if cfg.chat_template in (None, "none"):
+    if cfg.chat_template == "none":
         tokenizer.chat_template = None  # plain text prompts
-    elif cfg.chat_template != "auto":
+    elif cfg.chat_template not in (None, "auto"):
         tokenizer.chat_template = cfg.chat_template
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -147,6 +147,9 @@ def setup(cfg):
         lora.inject(model, lora_targets(cfg), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
     context = getattr(model.config, "max_position_embeddings", None)
     prompt_cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
+    if prompt_cap < cfg.max_prompt_length:
+        log(f"note: prompts are cut to {prompt_cap} tokens (max_seq_length {cfg.max_seq_length} - "
+            f"max_completion_length {cfg.max_completion_length}), below max_prompt_length={cfg.max_prompt_length}")
     if prompt_cap < 1:
         raise ValueError(f"max_seq_length={cfg.max_seq_length} leaves no room for prompts after "
                          f"max_completion_length={cfg.max_completion_length}: raise max_seq_length")
@@ -176,13 +179,16 @@ def setup(cfg):
     updates = total_steps * cfg.num_iterations
     warmup = math.ceil(cfg.warmup_ratio * updates) if cfg.warmup_ratio > 0 else cfg.warmup_steps
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
-    return dict(cfg=cfg, device=device, amp_dtype=amp_dtype, model=model, ref_model=ref_model,
+    run = dict(cfg=cfg, device=device, amp_dtype=amp_dtype, model=model, ref_model=ref_model,
                 tokenizer=tokenizer, eos=stop_ids(model, tokenizer), prompt_cap=prompt_cap,
                 optimizer=optimizer, scheduler=scheduler,
                 scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
                 mirror=NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).to(device).requires_grad_(False),
                 rewards=reward_fns, train_set=train_set, eval_set=eval_set, total_steps=total_steps,
                 step=0, skipped_steps=0, resume=resume)
+    if resume:  # read here, so that a checkpoint that does not fit stops the run before anything is written
+        load_checkpoint(run, resume)
+    return run
 
 
 def autocast(run):
@@ -492,7 +498,8 @@ def train_step(run):
         m["accuracy"] = m["rewards/math_correctness"]
     run["step"] += 1
     per = [{name: col[i] for name, col in columns.items()} for i in range(len(group))]
-    return m, [dict(step=step + 1, prompt=ex["text"], completion=t, reward=r, rewards=p, advantage=a)
+    return m, [dict(step=step + 1, prompt=ex["prompt"] if isinstance(ex["prompt"], str) else ex["text"], completion=t,
+                    reward=r, rewards=p, advantage=a)
                for ex, t, r, p, a in zip(group, batch["texts"], reward.tolist(), per, adv.tolist())]
 
 
@@ -656,10 +663,18 @@ def fit(run):
     """The loop over a prepared run (see setup)."""
     cfg = run["cfg"]
     if run["resume"]:
-        load_checkpoint(run, run["resume"])
         log(f"resumed from {run['resume']} at step {run['step']}")
     elif cfg.resume == "latest":
         log(f"resume='latest': no checkpoint in {cfg.output_dir} yet, starting at step 0")
+    fresh = not os.path.isdir(cfg.output_dir)
+    try:  # first, so that a logger that cannot start (wandb without a login) leaves nothing behind
+        loggers = logs.open_loggers(cfg.loggers, cfg.output_dir, cfg.run_name or os.path.basename(
+            os.path.abspath(cfg.output_dir)), config_dict(cfg), cfg.wandb_project) if RANK == 0 else []
+    except Exception as e:
+        if fresh:
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        raise ValueError(f"loggers={cfg.loggers}: could not start ({type(e).__name__}: {e}); for wandb run "
+                         "`wandb login` or set WANDB_MODE=offline") from None
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
@@ -670,8 +685,6 @@ def fit(run):
         json.dump(config_dict(cfg), f, indent=1)
     log(f"{cfg.model_name}: {sum(p.numel() for p in run['model'].parameters()):,} parameters on {run['device']}, "
         f"{len(run['train_set'])} train / {len(run['eval_set'])} held-out prompts, {run['total_steps']} steps")
-    loggers = logs.open_loggers(cfg.loggers, cfg.output_dir, cfg.run_name or os.path.basename(
-        os.path.abspath(cfg.output_dir)), config_dict(cfg), cfg.wandb_project) if RANK == 0 else []
 
     def record(m, completions=()):
         append_jsonl(metrics_path, [m])
@@ -734,12 +747,15 @@ def main(argv):
               + "\n\nAlignTune's flags work too: --type/--algo NAME, "
               + ", ".join(f"--{k.replace('_', '-')} ({v})" for k, v in compat.FLAGS.items()))
         return 0
+    cfg = None
     try:
-        run = setup(config_lib.load(argv))
-    except ValueError as e:  # a config that cannot run: one line that names the key and the fix
+        cfg = config_lib.load(argv)
+        fit(setup(cfg))
+    except ValueError as e:  # a run that cannot go on: one line that names the key and the fix
+        if cfg is not None and cfg.log_level == "DEBUG":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fit(run)
     return 0
 
 

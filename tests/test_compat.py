@@ -193,6 +193,7 @@ BAD_FLAGS = [
     (["--save_total_limit=0"], "save_total_limit"),
     (["--type=dpo"], "this trainer runs"),
     (["--log_level=LOUD"], "log_level"),
+    (["--chat_template=chatml"], "chat_template"),
 ]
 BAD_YAML = [
     ("model: {name_or_path: m}\ntrain: {learning_rate: [1e-5\n", "not valid YAML"),
@@ -204,6 +205,9 @@ BAD_YAML = [
     ("algo: nmgrpo\nmodel: {name_or_path: m, trust_remote_code: maybe}\n", "model.trust_remote_code"),
     ("algo: nmgrpo\nmodel: {name_or_path: m}\ntrain: {rewards: [{type: length}]}\nrewards: [{type: length}]\n",
      "both at the top level and under train"),
+    ("algo: nmgrpo\nlogging: {loggers: 5}\n", "logging.loggers"),
+    ("algo: nmgrpo\ndatasets: [{name: d, column_mapping: {prompt: [a, b]}}]\n", "column_mapping"),
+    ("algo: nmgrpo\nlogging: {sample_logging: {enabled: true, temperature: 0.3}}\n", "sample_logging.temperature"),
 ]
 
 
@@ -283,3 +287,29 @@ def test_help_lists_every_knob_and_the_aliases(capsys):
     for f in config.FIELDS:
         assert f"--{f}=" in out, f
     assert "--batch-size (batch_size)" in out and "--type/--algo" in out
+
+
+def test_review_cases_epochs_bare_flags_paths_and_priorities(tmp_path, small):
+    assert config.load(["--use-peft", "--use-gradient-checkpointing"]).use_lora is True
+    assert config.load(["--epochs", "2"]).max_steps == -1 and config.load(["--epochs", "2", "--max-steps", "5"]).max_steps == 5
+    y = write_yaml(tmp_path, "algo: grpo\ntrain: {epochs: 2}\nlogging: {sample_logging: true}\n")
+    cfg = config.load(["--config", y])
+    assert (cfg.num_epochs, cfg.max_steps, cfg.divergence_type, cfg.log_completions) == (2, -1, "kl", True)
+    assert config.load(["--config", y, "--type", "nmgrpo"]).divergence_type == "neural_mirror"
+    assert config.load(["--config", y, "--type", "dapo", "--divergence-type", "kl"]).divergence_type == "kl"
+    only_logging = write_yaml(tmp_path, "logging: {output_dir: here}\n", "override.yaml")
+    assert config.load(["--config", only_logging]).output_dir == "here"
+    import pathlib
+    from train import create_rl_trainer
+    t = create_rl_trainer(config=pathlib.Path(y), num_epochs=1, column_mapping={"prompt": "question", "text": "answer"})
+    assert t.cfg.column_mapping == {"question": "prompt", "answer": "reference"} and t.cfg.max_steps == -1
+    assert t.cfg.divergence_type == "kl"  # the file's algo wins over the default algorithm
+    run = create_rl_trainer(**{**small, "rewards": [{"type": "length"}], "max_steps": 1})
+    run.train()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        run.save_model(str(tmp_path / "busy"))
+    assert (tmp_path / "busy" / "notes.txt").exists()
+    saved = run.save_model(str(tmp_path / "saved"))
+    assert os.path.isfile(os.path.join(saved, "trainer_state.json"))
