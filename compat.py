@@ -10,13 +10,15 @@ import os
 import time
 
 # algo -> the settings it implies (anything the config sets explicitly wins)
-ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_type": "kl"}, "dapo": {"loss_type": "dapo", "divergence_type": "none"},
+ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_type": "kl"},
+         "dapo": {"loss_type": "dapo", "divergence_type": "none"},
          "drgrpo": {"loss_type": "dr_grpo", "scale_rewards": "none", "divergence_type": "none"}}
 
 # section -> {AlignTune key: our field}; None: accepted only at the value in NEUTRAL (it changes nothing here)
 MODEL = {"name_or_path": "model_name", "precision": "precision", "gradient_checkpointing": "gradient_checkpointing",
          "max_seq_length": "max_seq_length", "use_peft": "use_lora", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-         "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules", "tokenizer_name": "tokenizer_name",
+         "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules",
+         "tokenizer_name": "tokenizer_name",
          "disable_dropout": None, "trust_remote_code": None, "device_map": None, "attn_implementation": None,
          "backend": None}
 DATASET = {"name": "dataset_name", "split": "split", "config_name": "dataset_config", "subset": "dataset_config",
@@ -49,16 +51,18 @@ SECTIONS = {"model": MODEL, "train": TRAIN, "training": TRAIN, "logging": LOGGIN
 TOP = ("algo", "algorithm", "model", "datasets", "dataset", "train", "training", "logging", "distributed", "caching",
        "chat_template", "rewards", "backend")
 # keys accepted without a field, at the values that mean what we always do
-NEUTRAL = {"model.disable_dropout": (True,), "model.trust_remote_code": (False, True), "model.device_map": (None, "auto"),
-           "model.attn_implementation": (None, "auto", "sdpa", "eager"), "model.backend": ("trl",),
+NEUTRAL = {"model.disable_dropout": (True,), "model.trust_remote_code": (False,), "model.device_map": (None, "auto"),
+           "model.attn_implementation": (None, "auto"), "model.backend": ("trl",),
            "datasets.percent": (None, 100), "datasets.task_type": (None, "conversation", "grpo"),
-           "datasets.weight": (1, 1.0), "train.save_strategy": ("steps",), "train.eval_strategy": ("no", "steps"),
+           "datasets.weight": (1, 1.0), "train.save_strategy": ("steps",), "train.eval_strategy": ("steps",),
            "train.logging_strategy": ("steps",), "train.use_cache": (None, False, True, (False,)),
            "train.group_by_length": (True, False), "distributed.backend": ("single",), "distributed.nodes": (1,),
            "distributed.gpus_per_node": (1,), "caching.enabled": (True, False)}
 WHY = {"distributed.backend": "only 'single' runs in this version",
        "distributed.nodes": "one node in this version", "distributed.gpus_per_node": "one GPU per run in this version",
-       "model.trust_remote_code": "", "model.backend": "the engine is our own",
+       "model.trust_remote_code": "models load with transformers' own code", "model.backend": "the engine is our own",
+       "model.attn_implementation": "the model's default attention runs", "model.device_map": "one device per run",
+       "train.eval_strategy": "eval runs every eval_steps (0: at the end only)",
        "datasets.percent": "give the slice in split instead, e.g. split: 'train[:10%]'",
        "model.disable_dropout": "dropout is always off (the sampler and learner must agree)"}
 
@@ -110,7 +114,8 @@ def column_mapping(mapping):
     if not mapping:
         return mapping
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-        raise ValueError(f"column_mapping={mapping!r} should map names to names, e.g. {{prompt: question, text: answer}}")
+        raise ValueError(f"column_mapping={mapping!r} should map names to names, "
+                         "e.g. {prompt: question, text: answer}")
     if all(k in ROLE for k in mapping) and not all(v in ("prompt", "reference") for v in mapping.values()):
         return {column: ROLE[role] for role, column in mapping.items()}
     return dict(mapping)
@@ -133,8 +138,8 @@ def from_nested(data):
     if sets is not None:
         sets = [sets] if isinstance(sets, dict) else sets
         if not isinstance(sets, list) or len(sets) != 1:
-            raise ValueError(f"datasets: give exactly one dataset (got {len(sets) if isinstance(sets, list) else sets!r}); "
-                             "mixtures are not supported here")
+            got = len(sets) if isinstance(sets, list) else repr(sets)
+            raise ValueError(f"datasets: give exactly one dataset (got {got}); mixtures are not supported here")
         _section("datasets", sets[0], DATASET, out)
     if "column_mapping" in out:
         out["column_mapping"] = column_mapping(out["column_mapping"])
