@@ -408,7 +408,7 @@ def optimizer_step(run):
     else:
         run["skipped_steps"] += 1
         log(f"step {run['step'] + 1}: non-finite loss or gradient, update skipped "
-            f"({run['skipped_steps']} so far)")
+            f"({run['skipped_steps']} so far)", warning=True)
     if scaler:
         scaler.update()
     opt.zero_grad(set_to_none=True)
