@@ -1,4 +1,4 @@
-"""AlignTune's ways in, mapped onto our Config: its YAML/JSON schema, its CLI flags, create_rl_trainer.
+"""AlignTune's ways in, mapped onto our Config: its YAML/JSON schema, its CLI flags, create_rl_trainer's names.
 
 Every key of AlignTune's schema either maps to a Config field here or stops with an error that
 names it and says why; nothing is silently dropped. The nested schema (algo, model, datasets,
@@ -6,8 +6,6 @@ train, logging, distributed, caching, chat_template, rewards) is recognised by i
 mapping of our own field names passes through untouched.
 """
 import difflib
-import os
-import time
 
 # algo -> the settings it implies (anything the config sets explicitly wins)
 ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_type": "kl"},
@@ -198,66 +196,3 @@ def algo_settings(name):
 KWARGS = {"num_epochs": "num_epochs", "batch_size": "batch_size", "use_peft": "use_lora", "max_seq_length":
           "max_seq_length", "use_gradient_checkpointing": "gradient_checkpointing", "config_name": "dataset_config",
           "kl_coef": "beta", "cliprange": "epsilon", "cache_dir": "cache_dir", "eval_batch_size": "eval_batch_size"}
-
-
-class RLTrainer:
-    """What create_rl_trainer returns: .train() runs NMGRPO and returns the results dict."""
-
-    def __init__(self, cfg):
-        self.cfg, self.run, self.results = cfg, None, None
-
-    def train(self):
-        """Train; the results dict under AlignTune's names (and ours: output_dir, checkpoint, steps)."""
-        import train as trainer
-        t0 = time.perf_counter()
-        self.run = trainer.setup(self.cfg)
-        out = trainer.fit(self.run)
-        metrics = out["metrics"]
-        self.results = {"training_time": time.perf_counter() - t0, "final_loss": metrics.get("loss"),
-                        "total_steps": out["steps"], "model_path": out["checkpoint"], "metrics": metrics,
-                        "num_reward_functions": len(self.run["rewards"]),
-                        "mirror_coefficient": self.cfg.mirror_coefficient,
-                        "mirror_init_scale": self.cfg.mirror_init_scale, "divergence_type": self.cfg.divergence_type,
-                        **out}
-        return self.results
-
-    def evaluate(self):
-        """Held-out metrics (eval/accuracy, eval/reward) of the current weights."""
-        import train as trainer
-        if self.run is None:
-            self.run = trainer.setup(self.cfg)
-        return trainer.evaluate(self.run)
-
-    def save_model(self, path=None):
-        """A checkpoint of the current weights (in output_dir unless `path`, a new or empty folder, or an
-        earlier checkpoint); returns its folder."""
-        import train as trainer
-        if self.run is None:
-            raise ValueError("save_model: nothing trained yet; call .train() first")
-        busy = path and os.path.isdir(path) and os.listdir(path)
-        if busy and not os.path.isfile(os.path.join(path, "trainer_state.json")):
-            raise ValueError(f"save_model: {path!r} holds other files; give a new or empty folder")
-        return trainer.save_checkpoint(self.run, path)
-
-
-def create_rl_trainer(model_name=None, dataset_name=None, algorithm="nmgrpo", backend="auto", config=None, **kwargs):
-    """AlignTune's entry point: a trainer over our Config. `config` is a YAML/JSON path or a mapping (either
-    schema); keyword arguments (our field names or AlignTune's) win over it. backend 'trl' is accepted with a
-    note: the engine is our own."""
-    import config as config_lib
-    values = {}
-    if config is not None:
-        values = config_lib.read_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
-        values = from_nested(values) if is_nested(values) else values
-    if model_name is not None:
-        values["model_name"] = model_name
-    if dataset_name is not None:
-        values["dataset_name"] = dataset_name
-    for key, value in kwargs.items():
-        values[KWARGS.get(key, key)] = column_mapping(value) if key == "column_mapping" else value
-    for key, value in algo_settings(algorithm).items():  # what the algorithm implies, unless set
-        values.setdefault(key, value)
-    if "num_epochs" in kwargs and "max_steps" not in kwargs:
-        values.setdefault("max_steps", -1)
-    values.setdefault("backend", backend)
-    return RLTrainer(config_lib.make(values))

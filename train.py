@@ -37,7 +37,6 @@ from sampler import sample
 RANK = 0  # this process's rank and the number of processes: a single process is rank 0 of 1
 WORLD = 1
 QUIET = False  # log_level WARNING or ERROR: no progress lines
-create_rl_trainer = compat.create_rl_trainer  # AlignTune's entry point: from train import create_rl_trainer
 
 
 def log(msg, warning=False):
@@ -730,6 +729,67 @@ def fit(run):
                          pick(best), pick(evals[-1] if evals else None), ckpt, output_dir=cfg.output_dir))
     return {"metrics": last, "output_dir": cfg.output_dir, "checkpoint": ckpt, "steps": run["step"],
             "skipped_steps": run["skipped_steps"], "best_eval": pick(best)}
+
+
+# ---------------------------------------------------------------------------- AlignTune's entry point
+
+class RLTrainer:
+    """What create_rl_trainer returns: .train() runs NMGRPO and returns the results dict."""
+
+    def __init__(self, cfg):
+        self.cfg, self.run, self.results = cfg, None, None
+
+    def train(self):
+        """Train; the results dict under AlignTune's names (and ours: output_dir, checkpoint, steps)."""
+        t0 = time.perf_counter()
+        self.run = setup(self.cfg)
+        out = fit(self.run)
+        metrics = out["metrics"]
+        self.results = {"training_time": time.perf_counter() - t0, "final_loss": metrics.get("loss"),
+                        "total_steps": out["steps"], "model_path": out["checkpoint"], "metrics": metrics,
+                        "num_reward_functions": len(self.run["rewards"]),
+                        "mirror_coefficient": self.cfg.mirror_coefficient,
+                        "mirror_init_scale": self.cfg.mirror_init_scale, "divergence_type": self.cfg.divergence_type,
+                        **out}
+        return self.results
+
+    def evaluate(self):
+        """Held-out metrics (eval/accuracy, eval/reward) of the current weights."""
+        if self.run is None:
+            self.run = setup(self.cfg)
+        return evaluate(self.run)
+
+    def save_model(self, path=None):
+        """A checkpoint of the current weights (in output_dir unless `path`, a new or empty folder, or an
+        earlier checkpoint); returns its folder."""
+        if self.run is None:
+            raise ValueError("save_model: nothing trained yet; call .train() first")
+        busy = path and os.path.isdir(path) and os.listdir(path)
+        if busy and not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            raise ValueError(f"save_model: {path!r} holds other files; give a new or empty folder")
+        return save_checkpoint(self.run, path)
+
+
+def create_rl_trainer(model_name=None, dataset_name=None, algorithm="nmgrpo", backend="auto", config=None, **kwargs):
+    """AlignTune's entry point: a trainer over our Config. `config` is a YAML/JSON path or a mapping (either
+    schema); keyword arguments (our field names or AlignTune's) win over it. backend 'trl' is accepted with a
+    note: the engine is our own."""
+    values = {}
+    if config is not None:
+        values = config_lib.read_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
+        values = compat.from_nested(values) if compat.is_nested(values) else values
+    if model_name is not None:
+        values["model_name"] = model_name
+    if dataset_name is not None:
+        values["dataset_name"] = dataset_name
+    for key, value in kwargs.items():
+        values[compat.KWARGS.get(key, key)] = compat.column_mapping(value) if key == "column_mapping" else value
+    for key, value in compat.algo_settings(algorithm).items():  # what the algorithm implies, unless set
+        values.setdefault(key, value)
+    if "num_epochs" in kwargs and "max_steps" not in kwargs:
+        values.setdefault("max_steps", -1)
+    values.setdefault("backend", backend)
+    return RLTrainer(config_lib.make(values))
 
 
 def fmt(m):
