@@ -12,12 +12,15 @@ reference policy with the Bregman divergence of a neural mirror map (mirror.py) 
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -550,11 +553,61 @@ def save_checkpoint(run, folder=None):
                  scaler=run["scaler"].state_dict() if run["scaler"] else None, config=config_dict(cfg))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(state, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
+    with open(os.path.join(tmp, CHECKSUMS), "w") as f:  # written last: the folder's completion marker
+        json.dump(file_hashes(tmp), f, indent=1)
+    _fsync_tree(tmp)  # on disk before the rename makes it the checkpoint
+    old = f"{tmp}.old"
+    if os.path.exists(final):  # re-saving a step: the earlier copy goes only once the new one is in place
+        os.replace(final, old)
     os.replace(tmp, final)
-    for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit]:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in checkpoints(cfg.output_dir)[:-cfg.save_total_limit]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+CHECKSUMS = "checksums.json"
+
+
+def file_hashes(folder):
+    """{file name: sha256} of the files of a checkpoint folder (the checksum file itself aside)."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name != CHECKSUMS and os.path.isfile(os.path.join(folder, name)):
+            digest = hashlib.sha256()
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[name] = digest.hexdigest()
+    return out
+
+
+def _fsync_tree(folder):
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_problem(path):
+    """Why the checkpoint folder cannot be trusted (a missing or changed file), or None when it checks out.
+    A folder saved before checksums existed is trusted if its trainer_state.json is there."""
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return "no trainer_state.json (an unfinished save?)"
+    if not os.path.isfile(os.path.join(path, CHECKSUMS)):
+        return None
+    with open(os.path.join(path, CHECKSUMS)) as f:
+        want = json.load(f)
+    have = file_hashes(path)
+    bad = sorted(n for n in want if have.get(n) != want[n])
+    return f"{', '.join(bad[:3])} {'is' if len(bad) == 1 else 'are'} missing or changed" if bad else None
 
 
 def checkpoints(output_dir):
@@ -567,13 +620,22 @@ def checkpoints(output_dir):
 
 
 def resume_path(cfg):
-    """The checkpoint folder cfg.resume names ('latest': the newest complete one, or None)."""
+    """The checkpoint folder cfg.resume names ('latest': the newest one that checks out, or None); a
+    corrupted checkpoint is skipped ('latest') or refused (a named folder) with the reason."""
     if cfg.resume == "latest":
-        found = checkpoints(cfg.output_dir)
-        return found[-1] if found else None
+        for path in reversed(checkpoints(cfg.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log(f"skipping corrupted checkpoint {path}: {problem}", warning=True)
+        return None
     if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise ValueError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json): "
                          "give a checkpoint-N folder or resume='latest'")
+    problem = checkpoint_problem(cfg.resume)
+    if problem:
+        raise ValueError(f"resume={cfg.resume!r} is corrupted ({problem}): give an earlier checkpoint or "
+                         "resume='latest', which skips corrupted ones")
     return cfg.resume
 
 
@@ -693,42 +755,79 @@ def fit(run):
             logger.log(m, m["step"])
         log(fmt(m))
 
-    do_eval = len(run["eval_set"]) > 0
-    last, ckpt, evals, t0, tokens = {}, None, [], time.perf_counter(), 0
-    try:
-        if do_eval and cfg.eval_on_start and run["step"] == 0:
-            last = {"step": 0, **evaluate(run)}
-            evals.append(last)
-            record(last)
-        bar = tqdm(total=run["total_steps"], initial=run["step"], disable=RANK != 0 or QUIET, desc="nmgrpo",
-                   dynamic_ncols=True)
-        while run["step"] < run["total_steps"]:
-            m, completions = train_step(run)
-            step, tokens = run["step"], tokens + m["completion_length"] * len(completions)
-            if m["truncated_frac"] > 0.5:
-                m["warning"] = "over half the completions hit max_completion_length"
-            if do_eval and (cfg.eval_steps and step % cfg.eval_steps == 0 or step == run["total_steps"]):
-                m.update(evaluate(run))
-                evals.append(m)
-            if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"]:
-                record(m, completions)
-                log(logs.completions_table(completions, width=min(shutil.get_terminal_size().columns, 160)))
-            if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"]:
-                ckpt = save_checkpoint(run) if RANK == 0 else None
-            bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
-            bar.update(1)
-            last = m
-        bar.close()
-    finally:
-        for logger in loggers:
-            logger.close()
+    t0 = time.perf_counter()
+    with stop_signals() as caught:
+        try:
+            out = loop(run, record, caught)
+        finally:
+            for logger in loggers:
+                logger.close()
+    evals, seconds = out.pop("evals"), time.perf_counter() - t0
     key = "eval/accuracy" if any("eval/accuracy" in e for e in evals) else "eval/reward"
     best = max(evals, key=lambda e: e.get(key, float("-inf")), default=None)
     pick = lambda e: e and {"step": e["step"], **{k: v for k, v in e.items() if k.startswith("eval/")}}  # noqa: E731
-    log(logs.run_summary(run["step"], time.perf_counter() - t0, tokens / max(time.perf_counter() - t0, 1e-9),
-                         pick(best), pick(evals[-1] if evals else None), ckpt, output_dir=cfg.output_dir))
-    return {"metrics": last, "output_dir": cfg.output_dir, "checkpoint": ckpt, "steps": run["step"],
-            "skipped_steps": run["skipped_steps"], "best_eval": pick(best)}
+    log(logs.run_summary(run["step"], seconds, out.pop("tokens") / max(seconds, 1e-9), pick(best),
+                         pick(evals[-1] if evals else None), out["checkpoint"], output_dir=cfg.output_dir))
+    return {**out, "output_dir": cfg.output_dir, "steps": run["step"], "skipped_steps": run["skipped_steps"],
+            "best_eval": pick(best)}
+
+
+def loop(run, record, caught):
+    """Steps until total_steps or a stop signal (then a checkpoint): the last metrics, the last checkpoint,
+    every eval row, the tokens generated, and the signal that stopped the run (or None)."""
+    cfg = run["cfg"]
+    do_eval = len(run["eval_set"]) > 0
+    last, ckpt, evals, tokens = {}, None, [], 0
+    if do_eval and cfg.eval_on_start and run["step"] == 0:
+        last = {"step": 0, **evaluate(run)}
+        evals.append(last)
+        record(last)
+    bar = tqdm(total=run["total_steps"], initial=run["step"], disable=RANK != 0 or QUIET, desc="nmgrpo",
+               dynamic_ncols=True)
+    while run["step"] < run["total_steps"]:
+        m, completions = train_step(run)
+        step, tokens = run["step"], tokens + m["completion_length"] * len(completions)
+        if m["truncated_frac"] > 0.5:
+            m["warning"] = "over half the completions hit max_completion_length"
+        if do_eval and (cfg.eval_steps and step % cfg.eval_steps == 0 or step == run["total_steps"]):
+            m.update(evaluate(run))
+            evals.append(m)
+        if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"] or caught:
+            record(m, completions)
+            log(logs.completions_table(completions, width=min(shutil.get_terminal_size().columns, 160)))
+        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"] or caught:
+            ckpt = save_checkpoint(run) if RANK == 0 else None
+        bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
+        bar.update(1)
+        last = m
+        if caught:
+            log(f"{caught[0]}: stopped after step {step}; continue with --resume=latest", warning=True)
+            break
+    bar.close()
+    return {"metrics": last, "checkpoint": ckpt, "evals": evals, "tokens": tokens,
+            "stopped_by": caught[0] if caught else None}
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within the block, SIGTERM and SIGINT only append their name to the yielded list, so that the loop can
+    finish its step, save and stop; a second SIGINT interrupts at once. Outside the main thread: no change."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        if caught and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        caught.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------------------- AlignTune's entry point
