@@ -113,7 +113,7 @@ def _static_cache(model, prefill, num_samples, length):
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pad_token_id,
            num_samples=1, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None,
-           return_logprobs=False, static_cache=False, compile=False):
+           return_logprobs=False, static_cache=False, compile=False, noise_rows=None):
     """Sample `num_samples` completions for each of B left-padded prompts.
 
     input_ids, attention_mask: (B, P). Returns completion ids and mask, both (B*num_samples, T) with
@@ -125,6 +125,9 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     static_cache preallocates the keys/values (no per-step concatenation); compile (implies
     static_cache) runs each fixed-shape decode step torch.compile'd, eagerly if compiling fails.
     Neither changes the law; the tokens agree up to rounding in the compiled kernels.
+    noise_rows=(offset, total): each step draws (total, K) uniforms and these rows take rows offset ...
+    offset + N of them, so that processes that share one generator seed and split one batch draw what a
+    single process would (train.py under torchrun); default (0, N).
     """
     dev = input_ids.device
     eos = torch.as_tensor(eos_token_id, device=dev).flatten()  # one or several stop ids
@@ -149,8 +152,10 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     k = draws_per_row(top_p)
 
+    first, total = noise_rows or (0, n)
+
     def noise():  # (N, K) uniforms for one step; greedy needs none
-        return None if greedy else torch.rand(n, k, generator=generator, device=dev)
+        return None if greedy else torch.rand(total, k, generator=generator, device=dev)[first:first + n]
 
     token, logp = _choose(logits, noise(), temperature, top_p, top_k, greedy, return_logprobs)
     for t in range(max_new_tokens):

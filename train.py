@@ -50,12 +50,35 @@ def log(msg, warning=False):
 
 # ---------------------------------------------------------------------------- setup
 
+def init_distributed(cfg):
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): nccl on GPUs, gloo on CPU."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        gpu = cfg.device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if gpu else "gloo")
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce(x, op="sum"):
+    """x (a tensor) summed (or maxed) over the processes; itself with one process."""
+    if WORLD > 1:
+        import torch.distributed as dist
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return x
+
+
 def resolve_device(cfg):
     """(device, autocast dtype or None); ValueError when the precision cannot run here."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but no CUDA GPU is visible: use device='cpu'")
+    if device.type == "cuda" and WORLD > 1 and device.index is None:  # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -132,6 +155,7 @@ def setup(cfg):
     if cfg.backend == "trl":
         log("note: backend='trl' runs on this engine (the same NMGRPO, our sampler and kernels)")
     torch.manual_seed(cfg.seed)
+    init_distributed(cfg)
     device, amp_dtype = resolve_device(cfg)
     resume = resume_path(cfg) if cfg.resume else None
     if not resume and cfg.resume != "latest" and (checkpoints(cfg.output_dir) or
@@ -235,7 +259,8 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
             model, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
             pad_token_id=tok.pad_token_id, num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k, greedy=greedy, generator=generator, return_logprobs=not greedy,  # eval needs none
-            compile=cfg.torch_compile)
+            compile=cfg.torch_compile, noise_rows=(RANK * len(examples) * num_samples,
+                                                    WORLD * len(examples) * num_samples))
     model.train(was_training)
     texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
     return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
@@ -332,12 +357,12 @@ def fused_loss_terms(run, model, batch, rows, old_logp, ref_logp, adv, mask, nor
 
 
 def normaliser(cfg, mask):
-    """The denominator of loss_type over this step's loss mask (N, T)."""
+    """The denominator of loss_type over this step's loss mask (N, T), counted over every process."""
     if cfg.loss_type == "grpo":
-        return mask.size(0)
+        return mask.size(0) * WORLD
     if cfg.loss_type == "dr_grpo":
-        return mask.size(0) * cfg.max_completion_length
-    return max(int(mask.sum().item()), 1)  # bnpo, dapo: tokens in the step batch
+        return mask.size(0) * WORLD * cfg.max_completion_length
+    return max(int(all_reduce(mask.sum()).item()), 1)  # bnpo, dapo: tokens in the step batch
 
 
 def micro_slices(cfg, n):
@@ -400,6 +425,8 @@ def optimizer_step(run):
     """Clip, then step, unless the gradient is not finite: then the update is skipped and counted."""
     cfg, opt, scaler = run["cfg"], run["optimizer"], run["scaler"]
     params = [p for g in opt.param_groups for p in g["params"]]
+    if WORLD > 1:  # the step's gradient is the sum over processes (each loss is over the global denominator)
+        sync_grads(params)
     if scaler:
         scaler.unscale_(opt)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -446,9 +473,40 @@ def _peak_rss_mib():
         return None
 
 
-def step_seed(cfg, step, rank):
-    """The sampling seed of (seed, step, rank): runs reproduce and ranks never share noise."""
-    return (cfg.seed * 1_000_003 + step * 10_007 + rank) % (2 ** 63)
+def reduce_metrics(m):
+    """A step's metrics over every process: the mean of each rank's value (ranks hold equal batches), the
+    max for maxima and peak memory; step, lr and counters are the same everywhere."""
+    if WORLD == 1:
+        return m
+    keys = [k for k, v in m.items() if isinstance(v, (int, float)) and k not in ("step", "lr", "skipped_steps")]
+    peak = [k for k in keys if k.endswith("_max") or k.startswith("memory/")]
+    mean = [k for k in keys if k not in peak]
+    sums = all_reduce(torch.tensor([float(m[k]) for k in mean], dtype=torch.float64))
+    maxes = all_reduce(torch.tensor([float(m[k]) for k in peak], dtype=torch.float64), op="max")
+    return {**m, **{k: v / WORLD for k, v in zip(mean, sums.tolist())}, **dict(zip(peak, maxes.tolist()))}
+
+
+def sync_grads(params, bucket=1 << 24):
+    """Sum every gradient over the processes, in flat buckets of about `bucket` elements."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    i = 0
+    while i < len(params):
+        j, size = i, 0
+        while j < len(params) and (size == 0 or size + params[j].numel() <= bucket):
+            size, j = size + params[j].numel(), j + 1
+        grads = [p.grad for p in params[i:j]]
+        flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+        i = j
+
+
+def step_seed(cfg, step):
+    """The sampling seed of (seed, step), the same on every process: each takes its own rows of the step's
+    noise (sampler noise_rows), so runs reproduce, ranks never share noise, and N processes draw what one does."""
+    return (cfg.seed * 1_000_003 + step * 10_007) % (2 ** 63)
 
 
 def train_step(run):
@@ -457,7 +515,7 @@ def train_step(run):
     t0 = time.perf_counter()
     idx = data.batch_indices(len(run["train_set"]), cfg.batch_size, step, cfg.seed, RANK, WORLD)
     examples = [run["train_set"][i] for i in idx]
-    gen = torch.Generator(run["device"]).manual_seed(step_seed(cfg, step, RANK))
+    gen = torch.Generator(run["device"]).manual_seed(step_seed(cfg, step))
     peaks = {}
     with peak_memory(run["device"], peaks, "sample", cfg.memory_metrics):
         batch = rollout(run, examples, cfg.num_generations, generator=gen)
@@ -498,6 +556,7 @@ def train_step(run):
         m[f"rewards/{name}"], m[f"rewards/{name}_std"] = col.mean().item(), col.std().item()
     if "math_correctness" in columns:
         m["accuracy"] = m["rewards/math_correctness"]
+    m = reduce_metrics(m)
     run["step"] += 1
     per = [{name: col[i] for name, col in columns.items()} for i in range(len(group))]
     return m, [dict(step=step + 1, prompt=ex["prompt"] if isinstance(ex["prompt"], str) else ex["text"], completion=t,
@@ -736,14 +795,15 @@ def fit(run):
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
         raise ValueError(f"loggers={cfg.loggers}: could not start ({type(e).__name__}: {e}); for wandb run "
                          "`wandb login` or set WANDB_MODE=offline") from None
-    os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
-    if cfg.resume:  # rows logged after the checkpoint (or with none, every row) will be logged again
-        for path in (metrics_path, samples_path):
-            truncate_jsonl(path, run["step"] if run["resume"] else -1)
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        json.dump(config_dict(cfg), f, indent=1)
+    if RANK == 0:  # rank 0 alone writes logs, samples and checkpoints
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if cfg.resume:  # rows logged after the checkpoint (or with none, every row) will be logged again
+            for path in (metrics_path, samples_path):
+                truncate_jsonl(path, run["step"] if run["resume"] else -1)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(config_dict(cfg), f, indent=1)
     log(f"{cfg.model_name}: {sum(p.numel() for p in run['model'].parameters()):,} parameters on {run['device']}, "
         f"{len(run['train_set'])} train / {len(run['eval_set'])} held-out prompts, {run['total_steps']} steps")
 
@@ -792,20 +852,27 @@ def loop(run, record, caught):
         if do_eval and (cfg.eval_steps and step % cfg.eval_steps == 0 or step == run["total_steps"]):
             m.update(evaluate(run))
             evals.append(m)
-        if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"] or caught:
+        stop = stopping(caught)  # every process decides together, or a collective would wait forever
+        if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"] or stop:
             record(m, completions)
             log(logs.completions_table(completions, width=min(shutil.get_terminal_size().columns, 160)))
-        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"] or caught:
+        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"] or stop:
             ckpt = save_checkpoint(run) if RANK == 0 else None
         bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
         bar.update(1)
         last = m
-        if caught:
-            log(f"{caught[0]}: stopped after step {step}; continue with --resume=latest", warning=True)
+        if stop:
+            log(f"{caught[0] if caught else 'a stop signal'}: stopped after step {step}; continue with "
+                "--resume=latest", warning=True)
             break
     bar.close()
     return {"metrics": last, "checkpoint": ckpt, "evals": evals, "tokens": tokens,
             "stopped_by": caught[0] if caught else None}
+
+
+def stopping(caught):
+    """Whether any process caught a stop signal."""
+    return bool(all_reduce(torch.tensor(len(caught)), op="max").item()) if WORLD > 1 else bool(caught)
 
 
 @contextlib.contextmanager
