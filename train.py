@@ -12,6 +12,7 @@ reference policy with the Bregman divergence of a neural mirror map (mirror.py) 
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -56,9 +57,9 @@ def init_distributed(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     import torch.distributed as dist
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # gloo also for the small CPU tensors of metrics and stop flags
         gpu = cfg.device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if gpu else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=2))
     RANK, WORLD = dist.get_rank(), dist.get_world_size()
 
 
@@ -76,7 +77,7 @@ def resolve_device(cfg):
                           "cpu" if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but no CUDA GPU is visible: use device='cpu'")
-    if device.type == "cuda" and WORLD > 1 and device.index is None:  # one GPU per process
+    if device.type == "cuda" and WORLD > 1:  # one GPU per process, whatever index the config names
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     precision = cfg.precision
@@ -233,8 +234,15 @@ def group_advantages(rewards, group_size, scale="group"):
     if scale == "group":
         adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
     elif scale == "batch":
-        adv = adv / (rewards.std() + 1e-4)
+        adv = adv / (batch_std(rewards) + 1e-4)
     return adv.flatten()  # (B*G,)
+
+
+def batch_std(x):
+    """The (unbiased) std of x over every process's batch."""
+    n_sum_sq = all_reduce(torch.stack([x.new_tensor(x.numel()), x.sum(), (x * x).sum()]).double())
+    n, total, sq = n_sum_sq.tolist()
+    return max((sq - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
 
 
 def score(run, examples, completions):
@@ -474,16 +482,19 @@ def _peak_rss_mib():
 
 
 def reduce_metrics(m):
-    """A step's metrics over every process: the mean of each rank's value (ranks hold equal batches), the
-    max for maxima and peak memory; step, lr and counters are the same everywhere."""
+    """A step's metrics over every process: sums for the loss (each rank holds its share of the global loss),
+    the prompts cut and the throughput; maxima for maxima and peak memory; the mean of the ranks' values for
+    the rest (ranks hold equal batches; stds and ratios are averages of per-rank values); step, lr and
+    counters are the same everywhere."""
     if WORLD == 1:
         return m
     keys = [k for k, v in m.items() if isinstance(v, (int, float)) and k not in ("step", "lr", "skipped_steps")]
     peak = [k for k in keys if k.endswith("_max") or k.startswith("memory/")]
-    mean = [k for k in keys if k not in peak]
-    sums = all_reduce(torch.tensor([float(m[k]) for k in mean], dtype=torch.float64))
-    maxes = all_reduce(torch.tensor([float(m[k]) for k in peak], dtype=torch.float64), op="max")
-    return {**m, **{k: v / WORLD for k, v in zip(mean, sums.tolist())}, **dict(zip(peak, maxes.tolist()))}
+    summed = [k for k in keys if k in ("loss", "prompts_cut", "tokens_per_s")]
+    rest = [k for k in keys if k not in peak]
+    sums = all_reduce(torch.tensor([float(m[k]) for k in rest], dtype=torch.float64)).tolist()
+    maxes = all_reduce(torch.tensor([float(m[k]) for k in peak], dtype=torch.float64), op="max").tolist()
+    return {**m, **{k: v if k in summed else v / WORLD for k, v in zip(rest, sums)}, **dict(zip(peak, maxes))}
 
 
 def sync_grads(params, bucket=1 << 24):
@@ -642,17 +653,21 @@ def file_hashes(folder):
 
 
 def _fsync_tree(folder):
+    """Flush a folder's files and the folder itself to disk (folders only where the OS allows it)."""
     for name in os.listdir(folder):
         fd = os.open(os.path.join(folder, name), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # Windows and some network file systems cannot sync a folder
+        pass
 
 
 def checkpoint_problem(path):
@@ -682,11 +697,15 @@ def resume_path(cfg):
     """The checkpoint folder cfg.resume names ('latest': the newest one that checks out, or None); a
     corrupted checkpoint is skipped ('latest') or refused (a named folder) with the reason."""
     if cfg.resume == "latest":
-        for path in reversed(checkpoints(cfg.output_dir)):
+        found = checkpoints(cfg.output_dir)
+        for path in reversed(found):
             problem = checkpoint_problem(path)
             if problem is None:
                 return path
             log(f"skipping corrupted checkpoint {path}: {problem}", warning=True)
+        if found:
+            raise ValueError(f"every checkpoint in {cfg.output_dir} is corrupted: restore one, or start over "
+                             "with a new output_dir")
         return None
     if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise ValueError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json): "

@@ -87,6 +87,10 @@ def test_a_corrupted_checkpoint_is_skipped_or_refused(small, tmp_path, capsys):
     assert "skipping corrupted checkpoint" in capsys.readouterr().out
     with pytest.raises(ValueError, match="corrupted"):
         train.setup(config.make(**{**cfg.__dict__, "max_steps": 3, "resume": newest}))
+    with open(os.path.join(out, "checkpoint-1", "rng.safetensors"), "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(ValueError, match="every checkpoint"):  # never a silent restart from step 0
+        train.setup(config.make(**{**cfg.__dict__, "max_steps": 3, "resume": "latest"}))
 
 
 def _rss_mib():
