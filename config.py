@@ -365,3 +365,16 @@ def describe():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         lines.append(f"  --{f.name}={default!r}\n      {f.metadata['doc']}")
     return "\n".join(lines)
+
+
+def config_dict(cfg):
+    """The resolved config as JSON-able values (callables by name)."""
+    def plain(v):
+        if callable(v):
+            return f"{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', repr(v))}"
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

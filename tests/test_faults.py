@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import checkpoint
 import config
 import train
 
@@ -48,7 +49,7 @@ def test_a_stop_signal_saves_and_exits_cleanly(small, tmp_path, sig):
     assert proc.returncode == 0, stderr[-2000:]
     step = rows(out)[-1]["step"]
     assert os.path.isfile(os.path.join(out, f"checkpoint-{step}", "trainer_state.json"))
-    assert train.checkpoint_problem(os.path.join(out, f"checkpoint-{step}")) is None
+    assert checkpoint.checkpoint_problem(os.path.join(out, f"checkpoint-{step}")) is None
     assert f"{signal.Signals(sig).name}: stopped after step {step}" in stdout + stderr
     run = train.setup(config.load(argv(small, out, step + 1)[2:] + ["--resume", "latest"]))
     assert run["step"] == step
@@ -61,12 +62,12 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(small, tmp_path):
     proc = subprocess.Popen(argv(small, out, 100000, save_steps=1), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     saving = lambda: any(d.startswith(".tmp-") for d in os.listdir(out)) if os.path.isdir(out) else False  # noqa: E731
-    wait_for(lambda: len(train.checkpoints(out)) >= 2)
+    wait_for(lambda: len(checkpoint.checkpoints(out)) >= 2)
     wait_for(saving)  # a save in flight
     proc.kill()
     proc.wait()
-    done = train.checkpoints(out)
-    assert done and all(train.checkpoint_problem(p) is None for p in done)
+    done = checkpoint.checkpoints(out)
+    assert done and all(checkpoint.checkpoint_problem(p) is None for p in done)
     run = train.setup(config.load(argv(small, out, 100000, save_steps=1)[2:] + ["--resume", "latest"]))
     assert run["step"] == int(done[-1].rsplit("-", 1)[1])
     train.train_step(run)
@@ -80,7 +81,7 @@ def test_a_corrupted_checkpoint_is_skipped_or_refused(small, tmp_path, capsys):
     newest = os.path.join(out, "checkpoint-2")
     with open(os.path.join(newest, "optimizer.safetensors"), "r+b") as f:
         f.truncate(100)  # a half-written file
-    assert "optimizer.safetensors" in train.checkpoint_problem(newest)
+    assert "optimizer.safetensors" in checkpoint.checkpoint_problem(newest)
     capsys.readouterr()
     run = train.setup(config.make(**{**cfg.__dict__, "max_steps": 3, "resume": "latest"}))
     assert run["resume"].endswith("checkpoint-1") and run["step"] == 1
@@ -116,4 +117,4 @@ def test_soak_200_steps_holds_memory_and_file_handles(small, tmp_path, monkeypat
     (rss50, fd50), (rss200, fd200) = seen[50], seen[200]
     assert rss200 <= rss50 * 1.05, (rss50, rss200)
     assert fd200 <= fd50, (fd50, fd200)
-    assert [os.path.basename(p) for p in train.checkpoints(cfg.output_dir)] == ["checkpoint-150", "checkpoint-200"]
+    assert [os.path.basename(p) for p in checkpoint.checkpoints(cfg.output_dir)] == ["checkpoint-150", "checkpoint-200"]
