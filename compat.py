@@ -5,7 +5,6 @@ names it and says why; nothing is silently dropped. The nested schema (algo, mod
 train, logging, distributed, caching, chat_template, rewards) is recognised by its sections; a flat
 mapping of our own field names passes through untouched.
 """
-import difflib
 
 # algo -> the settings it implies (anything the config sets explicitly wins)
 ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_type": "kl"},
@@ -66,8 +65,8 @@ WHY = {"distributed.backend": "only 'single' runs in this version",
 
 
 def _did_you_mean(word, options):
-    close = difflib.get_close_matches(str(word), list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    from config import did_you_mean  # config imports this module at its top
+    return did_you_mean(word, options)
 
 
 def is_nested(data):
