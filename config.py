@@ -74,6 +74,7 @@ class Config:
     seed: int = _f(42, "seed of everything random: data order, sampling, the model's initial RNG", "training")
     logprob_chunk_size: int = _f(1024, "tokens per chunk of the log-prob kernel (memory is chunk x vocab)", "training")
     fused_loss: bool = _f(True, "evaluate the per-token loss inside the chunked lm_head pass (logits computed once); False: log-probs, then the loss through autograd", "training")
+    distributed: str = _f("ddp", "with torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (torch's fully_shard: parameters, gradients and optimizer state sharded, sharded checkpoints)", "training")
     torch_compile: bool = _f(False, "torch.compile the sampler's decode step (static KV cache) and the log-prob kernel's softmax math: one-off compile cost, eager if it fails", "training")
     # GRPO
     epsilon: float = _f(0.2, "clip range of the ratio", "grpo")
@@ -89,6 +90,17 @@ class Config:
     mirror_init_scale: float = _f(0.01, "mirror parameters start as uniform(0, 1) * this", "mirror")
     mirror_seed: int = _f(42, "seed of the mirror initialisation", "mirror")
     beta: float = _f(0.04, "weight of the k3 KL estimator (divergence_type='kl')", "mirror")
+    mirror_path: Optional[str] = _f(None, "a learned mirror (safetensors, from es.py or NeuralMirror.save) used instead of the random one", "mirror")
+    # evolution strategies (es.py)
+    es_population: int = _f(10, "candidates per ES iteration (even: antithetic pairs)", "es")
+    es_sigma: float = _f(0.01, "std of the Gaussian perturbations of the 380 mirror parameters", "es")
+    es_sigma_decay: float = _f(0.99, "sigma is multiplied by this after every iteration", "es")
+    es_lr: float = _f(0.01, "ES learning rate (step along the estimated fitness gradient)", "es")
+    es_inner_steps: int = _f(100, "NMGRPO steps of every candidate's inner run", "es")
+    es_iterations: int = _f(15, "ES iterations", "es")
+    es_fitness: str = _f("accuracy", "the held-out score ES maximises: accuracy (math_correctness) or reward (mean total reward)", "es")
+    es_eval_samples: int = _f(64, "validation prompts of each fitness, disjoint from the inner training prompts", "es")
+    es_rank_shaping: bool = _f(True, "centred-rank fitness shaping (robust to the fitness scale)", "es")
     # sampling
     max_prompt_length: int = _f(768, "prompts are cut from the left (and counted) to min(this, max_seq_length - max_completion_length)", "sampling")
     max_completion_length: int = _f(256, "new tokens per completion", "sampling")
@@ -106,7 +118,7 @@ class Config:
     wandb_project: Optional[str] = _f(None, "wandb project (None: 'nmgrpo'); WANDB_MODE=offline is respected", "logging")
     memory_metrics: bool = _f(True, "peak memory per phase in the metrics (resets the process's peak counters)", "logging")
     log_level: str = _f("INFO", "console detail: DEBUG / INFO / WARNING / ERROR", "logging")
-    backend: str = _f("auto", "'auto' (our engine); 'trl' is accepted and runs on our engine too", "logging")
+    backend: str = _f("auto", "'auto' or 'native': our engine; 'trl': TRL's GRPOTrainer with our regulariser, rewards and data (pip install trl)", "logging")
     logging_steps: int = _f(1, "log metrics every this many steps", "logging")
     log_completions: bool = _f(True, "write every rollout of each logging step to samples.jsonl", "logging")
     eval_steps: int = _f(100, "evaluate on the held-out prompts every this many steps (0: only at the end)", "logging")
@@ -126,6 +138,8 @@ CHOICES = {
     "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "scale_rewards": ("group", "batch", "none"),
     "divergence_type": ("neural_mirror", "kl", "prob_l2", "none"),
+    "distributed": ("ddp", "fsdp"),
+    "es_fitness": ("accuracy", "reward"),
 }
 
 
@@ -326,6 +340,17 @@ def validate(cfg):
                 "top_k", "eval_size", "save_steps", "eval_steps"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 0")
+    for key in ("es_population", "es_inner_steps", "es_iterations", "es_eval_samples"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.es_population % 2:
+        raise ValueError(f"es_population={cfg.es_population} must be even: candidates come in antithetic pairs")
+    if not (cfg.es_sigma > 0 and cfg.es_lr > 0 and 0 < cfg.es_sigma_decay <= 1):
+        raise ValueError(f"ES needs es_sigma > 0, es_lr > 0 and 0 < es_sigma_decay <= 1; got es_sigma={cfg.es_sigma}, "
+                         f"es_lr={cfg.es_lr}, es_sigma_decay={cfg.es_sigma_decay}")
+    if cfg.mirror_path is not None and not os.path.isfile(cfg.mirror_path):
+        raise ValueError(f"mirror_path={cfg.mirror_path!r} is not a file: give a mirror saved by es.py "
+                         "(best_mirror.safetensors) or by NeuralMirror.save")
     if cfg.num_generations < 2:
         raise ValueError(f"num_generations={cfg.num_generations}: group-relative advantages need at least 2")
     if not 0 < cfg.top_p <= 1:

@@ -145,16 +145,18 @@ def build_optimizer(cfg, params):
     return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def setup(cfg):
-    """Everything a run needs, checked before anything is written: a dict `run`."""
+def setup(cfg, mirror=None, solo=False):
+    """Everything a run needs, checked before anything is written: a dict `run`. `mirror` (a NeuralMirror)
+    replaces the one the config describes; `solo` runs in this process alone even under torchrun (es.py)."""
     from transformers import get_scheduler
-    global QUIET
+    global QUIET, RANK, WORLD
     QUIET = cfg.log_level in ("WARNING", "ERROR")
     logging.getLogger().setLevel(cfg.log_level)
-    if cfg.backend == "trl":
-        log("note: backend='trl' runs on this engine (the same NMGRPO, our sampler and kernels)")
     torch.manual_seed(cfg.seed)
-    init_distributed(cfg)
+    if solo:
+        RANK, WORLD = 0, 1
+    else:
+        init_distributed(cfg)
     device, amp_dtype = resolve_device(cfg)
     resume = checkpoint_lib.resume_path(cfg, lambda msg: log(msg, warning=True)) if cfg.resume else None
     if not resume and cfg.resume != "latest" and (checkpoint_lib.checkpoints(cfg.output_dir) or
@@ -200,6 +202,8 @@ def setup(cfg):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # (LoRA: the base, adapters off)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         cfg.num_epochs * len(train_set) / (cfg.batch_size * WORLD))
+    mirror = copy.deepcopy(mirror) if mirror is not None else NeuralMirror.load(cfg.mirror_path) if cfg.mirror_path \
+        else NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     updates = total_steps * cfg.num_iterations
     warmup = math.ceil(cfg.warmup_ratio * updates) if cfg.warmup_ratio > 0 else cfg.warmup_steps
@@ -208,7 +212,7 @@ def setup(cfg):
                 tokenizer=tokenizer, eos=stop_ids(model, tokenizer), prompt_cap=prompt_cap,
                 optimizer=optimizer, scheduler=scheduler,
                 scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
-                mirror=NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).to(device).requires_grad_(False),
+                mirror=mirror.to(device).requires_grad_(False),
                 rewards=reward_fns, train_set=train_set, eval_set=eval_set, total_steps=total_steps,
                 step=0, skipped_steps=0, resume=resume)
     if resume:  # read here, so that a checkpoint that does not fit stops the run before anything is written
@@ -615,9 +619,26 @@ def truncate_jsonl(path, step):
             f.writelines(rows)
 
 
-def train(cfg):
-    """Run NMGRPO from a Config; returns the final metrics, the output folder and the last checkpoint."""
-    return fit(setup(cfg))
+def train(cfg, mirror=None):
+    """Run NMGRPO from a Config (and a given mirror); returns the final metrics, the output folder and the last
+    checkpoint. backend='trl' trains in TRL's GRPOTrainer (trl_backend.py) instead."""
+    if cfg.backend == "trl":
+        import trl_backend
+        return trl_backend.train(cfg)
+    return fit(setup(cfg, mirror))
+
+
+def held_out_score(cfg, mirror=None, fitness="accuracy"):
+    """Train from cfg (with `mirror`) in this process alone, then the final held-out eval/accuracy or
+    eval/reward: the fitness of an ES candidate. Raises FloatingPointError when it is not finite."""
+    out = fit(setup(cfg, mirror, solo=True))
+    score = out["metrics"].get(f"eval/{fitness}")
+    if score is None:
+        raise ValueError(f"es_fitness={fitness!r}: the run logged no eval/{fitness} (accuracy needs the "
+                         "math_correctness reward and eval_size > 0)")
+    if not math.isfinite(score):
+        raise FloatingPointError(f"eval/{fitness} = {score}")
+    return score
 
 
 def fit(run):
@@ -749,12 +770,15 @@ class RLTrainer:
     def train(self):
         """Train; the results dict under AlignTune's names (and ours: output_dir, checkpoint, steps)."""
         t0 = time.perf_counter()
-        self.run = setup(self.cfg)
-        out = fit(self.run)
+        if self.cfg.backend == "trl":
+            out = train(self.cfg)
+        else:
+            self.run = setup(self.cfg)
+            out = fit(self.run)
         metrics = out["metrics"]
         self.results = {"training_time": time.perf_counter() - t0, "final_loss": metrics.get("loss"),
                         "total_steps": out["steps"], "model_path": out["checkpoint"], "metrics": metrics,
-                        "num_reward_functions": len(self.run["rewards"]),
+                        "num_reward_functions": len(self.cfg.rewards or self.cfg.reward_functions or [None]),
                         "mirror_coefficient": self.cfg.mirror_coefficient,
                         "mirror_init_scale": self.cfg.mirror_init_scale, "divergence_type": self.cfg.divergence_type,
                         **out}
@@ -779,8 +803,8 @@ class RLTrainer:
 
 def create_rl_trainer(model_name=None, dataset_name=None, algorithm="nmgrpo", backend="auto", config=None, **kwargs):
     """AlignTune's entry point: a trainer over our Config. `config` is a YAML/JSON path or a mapping (either
-    schema); keyword arguments (our field names or AlignTune's) win over it. backend 'trl' is accepted with a
-    note: the engine is our own."""
+    schema); keyword arguments (our field names or AlignTune's) win over it. backend 'trl' trains in TRL's
+    GRPOTrainer (trl_backend.py)."""
     values = {}
     if config is not None:
         values = config_lib.read_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
@@ -817,7 +841,7 @@ def main(argv):
     cfg = None
     try:
         cfg = config_lib.load(argv)
-        fit(setup(cfg))
+        train(cfg)
     except ValueError as e:  # a run that cannot go on: one line that names the key and the fix
         if cfg is not None and cfg.log_level == "DEBUG":
             raise
