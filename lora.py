@@ -184,16 +184,18 @@ def _replace_write(path, write):
             os.remove(tmp)
 
 
-def save_adapter(model, folder, base_model_name_or_path=None):
-    """Write adapter_model.safetensors then adapter_config.json to `folder`, as PEFT's save_pretrained."""
+def save_adapter(model, folder, base_model_name_or_path=None, state_dict=None):
+    """Write adapter_model.safetensors then adapter_config.json to `folder`, as PEFT's save_pretrained.
+    `state_dict` (the model's, e.g. gathered from FSDP shards) is read instead of the model's own tensors."""
     layers = _layers_or_raise(model, "save_adapter")
     r, alpha, dropout, rslora = _hyper(layers)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     tensors = {}
     for name, m in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()  # (r, in)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()  # (out, r)
+        a, b = (m.lora_A, m.lora_B) if state_dict is None else (state_dict[f"{name}.lora_A"], state_dict[f"{name}.lora_B"])
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous()  # (r, in)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous()  # (out, r)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,

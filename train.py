@@ -30,6 +30,7 @@ import data
 import logs
 import compat
 import checkpoint as checkpoint_lib
+import fsdp
 import lora
 import rewards as rewards_lib
 from logprobs import completion_logprobs, completion_loss
@@ -168,7 +169,10 @@ def setup(cfg, mirror=None, solo=False):
                                      device=device)
     # full fine-tuning keeps fp32 master weights under autocast; a frozen LoRA base is stored in bf16 when
     # the run is bf16 (fp16 keeps it in fp32: fp16 weights overflow too easily), its adapters in fp32
-    bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16
+    sharded = cfg.distributed == "fsdp" and WORLD > 1
+    if cfg.distributed == "fsdp" and WORLD == 1:
+        log("note: distributed='fsdp' shards over torchrun's processes; this single process holds the whole model")
+    bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded  # a shard group holds one dtype
     model, tokenizer = load_model(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32)
     if cfg.use_lora:
         lora.inject(model, lora_targets(cfg), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
@@ -200,6 +204,7 @@ def setup(cfg, mirror=None, solo=False):
     ref_model = None
     if cfg.divergence_type != "none" and not cfg.use_lora:  # a frozen copy of the initial weights
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # (LoRA: the base, adapters off)
+    roots = {id(m): fsdp.shard(m) for m in (model, ref_model) if m is not None} if sharded else {}
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         cfg.num_epochs * len(train_set) / (cfg.batch_size * WORLD))
     mirror = copy.deepcopy(mirror) if mirror is not None else NeuralMirror.load(cfg.mirror_path) if cfg.mirror_path \
@@ -210,7 +215,7 @@ def setup(cfg, mirror=None, solo=False):
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
     run = dict(cfg=cfg, device=device, amp_dtype=amp_dtype, model=model, ref_model=ref_model,
                 tokenizer=tokenizer, eos=stop_ids(model, tokenizer), prompt_cap=prompt_cap,
-                optimizer=optimizer, scheduler=scheduler,
+                roots=roots, optimizer=optimizer, scheduler=scheduler,
                 scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
                 mirror=mirror.to(device).requires_grad_(False),
                 rewards=reward_fns, train_set=train_set, eval_set=eval_set, total_steps=total_steps,
@@ -264,9 +269,9 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
     model = run["model"]
     was_training = model.training
     model.eval()
-    with autocast(run):
-        comp, comp_mask, *comp_logp = sample(
-            model, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
+    with autocast(run), gathered(run, model):
+        comp, comp_mask, *comp_logp = through(
+            run, model, sample, ids, mask, max_new_tokens=cfg.max_completion_length, eos_token_id=run["eos"],
             pad_token_id=tok.pad_token_id, num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k, greedy=greedy, generator=generator, return_logprobs=not greedy,  # eval needs none
             compile=cfg.torch_compile, noise_rows=(RANK * len(examples) * num_samples,
@@ -275,6 +280,18 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
     texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
     return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
                 ids=comp, mask=comp_mask, sampler_logp=comp_logp[0] if comp_logp else None, texts=texts, prompts_cut=n_cut)
+
+
+def through(run, model, fn, *args, **kwargs):
+    """fn(model, ...); under FSDP, as the forward of the model's shard root, which gathers its weights."""
+    root = run["roots"].get(id(model))
+    return root(fn, *args, **kwargs) if root is not None else fn(model, *args, **kwargs)
+
+
+def gathered(run, model):
+    """The sharded model's weights whole for the block (the sampler's small forwards); nothing without FSDP."""
+    root = run["roots"].get(id(model))
+    return fsdp.gathered(root) if root is not None else contextlib.nullcontext()
 
 
 def prompt_group(cfg, rows):
@@ -288,9 +305,9 @@ def batch_logprobs(run, model, batch, rows, grad=False):
     """Log-probs and entropies (n, T) of the completions `rows` (a slice) under `model`."""
     cfg = run["cfg"]
     with torch.set_grad_enabled(grad), autocast(run):
-        return completion_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows], batch["ids"][rows],
-                                   batch["mask"][rows], cfg.temperature, cfg.logprob_chunk_size, cfg.torch_compile,
-                                   prompt_group(cfg, rows))
+        return through(run, model, completion_logprobs, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                       batch["ids"][rows], batch["mask"][rows], cfg.temperature, cfg.logprob_chunk_size,
+                       cfg.torch_compile, prompt_group(cfg, rows))
 
 
 def clip_range(cfg):
@@ -358,9 +375,9 @@ def fused_loss_terms(run, model, batch, rows, old_logp, ref_logp, adv, mask, nor
         return (per_token_loss(run, lp, o, None if ref is None else ref[s], adv_tok[s])[0] * weights[s]).sum()
 
     with autocast(run):
-        loss, logp, ent = completion_loss(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
-                                          batch["ids"][rows], batch["mask"][rows], loss_fn, cfg.temperature,
-                                          cfg.logprob_chunk_size, cfg.torch_compile, prompt_group(cfg, rows))
+        loss, logp, ent = through(run, model, completion_loss, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                                  batch["ids"][rows], batch["mask"][rows], loss_fn, cfg.temperature,
+                                  cfg.logprob_chunk_size, cfg.torch_compile, prompt_group(cfg, rows))
     with torch.no_grad():
         _, ratio, div = per_token_loss(run, logp, logp if old_logp is None else old_logp, ref_logp, adv[:, None])
     return loss, logp, ent, token_stats(cfg, ratio, div, adv, mask)
@@ -410,8 +427,11 @@ def learn(run, batch, adv, loss_mask, ref_logp):
     norm = normaliser(cfg, loss_mask)
     sums = dict(loss=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, divergence=0.0, ratio=0.0, grad_norm=0.0,
                 logp_gap=0.0)
+    root = run["roots"].get(id(model))
     for it in range(cfg.num_iterations):
         for s in slices:
+            if root is not None:  # FSDP reduce-scatters the gradients after the step's last micro-batch only
+                fsdp.gradient_sync(root, s is slices[-1])
             old = None if old_logp is None else old_logp[s]
             ref = None if ref_logp is None else ref_logp[s]
             if cfg.fused_loss:
@@ -435,12 +455,13 @@ def optimizer_step(run):
     """Clip, then step, unless the gradient is not finite: then the update is skipped and counted."""
     cfg, opt, scaler = run["cfg"], run["optimizer"], run["scaler"]
     params = [p for g in opt.param_groups for p in g["params"]]
-    if WORLD > 1:  # the step's gradient is the sum over processes (each loss is over the global denominator)
-        sync_grads(params)
+    if WORLD > 1 and not run["roots"]:  # the step's gradient is the sum over processes (each loss is over the
+        sync_grads(params)                 # global denominator); FSDP has summed its shards in backward
     if scaler:
         scaler.unscale_(opt)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: a DTensor
     if math.isfinite(grad_norm):
         scaler.step(opt) if scaler else opt.step()
         run["scheduler"].step()
@@ -529,6 +550,7 @@ def train_step(run):
     idx = data.batch_indices(len(run["train_set"]), cfg.batch_size, step, cfg.seed, RANK, WORLD)
     examples = [run["train_set"][i] for i in idx]
     gen = torch.Generator(run["device"]).manual_seed(step_seed(cfg, step))
+    torch.manual_seed(step_seed(cfg, step) + RANK)  # the global RNG (LoRA dropout): a resumed run draws the same
     peaks = {}
     with peak_memory(run["device"], peaks, "sample", cfg.memory_metrics):
         batch = rollout(run, examples, cfg.num_generations, generator=gen)
@@ -719,7 +741,7 @@ def loop(run, record, caught):
             record(m, completions)
             log(logs.completions_table(completions, width=min(shutil.get_terminal_size().columns, 160)))
         if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"] or stop:
-            ckpt = checkpoint_lib.save_checkpoint(run) if RANK == 0 else None
+            ckpt = checkpoint_lib.save_checkpoint(run) if RANK == 0 or run["roots"] else None  # FSDP: every rank
         bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
         bar.update(1)
         last = m

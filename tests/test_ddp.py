@@ -1,17 +1,21 @@
-"""torchrun: two gloo processes on CPU give the parameters one process gives over the same global batch."""
+"""torchrun: two gloo processes on CPU give the parameters one process gives over the same global batch,
+with DDP and with FSDP (fully_shard); FSDP's sharded checkpoints resume exactly."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
 
+import checkpoint
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = json.dumps([{"type": "length", "params": {"target_length": 3}}])
 
 
-def run(small, out, nproc, batch_size, loss_type, scale="group"):
+def run(small, out, nproc, batch_size, loss_type, scale="group", extra=()):
     args = [os.path.join(REPO, "train.py"), "--model_name", small["model_name"], "--dataset_name",
             small["dataset_name"], "--column_mapping", json.dumps(small["column_mapping"]), "--rewards", LENGTH,
             "--eval_size", "8", "--eval_steps", "0", "--batch_size", str(batch_size), "--num_generations", "4",
@@ -19,13 +23,14 @@ def run(small, out, nproc, batch_size, loss_type, scale="group"):
             "--max_steps", "3", "--save_steps", "0", "--logging_steps", "1", "--loss_type", loss_type,
             "--gradient_accumulation_steps", "2", "--optimizer", "sgd", "--learning_rate", "0.1",
             "--scale_rewards", scale,
-            "--output_dir", out]
+            "--output_dir", out, *extra]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(os.path.join(out, "checkpoint-3", "model.safetensors")), \
+    weights = "adapter_model.safetensors" if "--use_lora" in extra else "model.safetensors"
+    return load_file(os.path.join(out, "checkpoint-3", weights)), \
         [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
@@ -43,3 +48,30 @@ def test_two_processes_match_one(small, tmp_path, loss_type, scale):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["completion_length"] == pytest.approx(b["completion_length"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # the summed gradient
+
+
+ADAMW = ["--optimizer", "adamw_torch", "--learning_rate", "0.01"]
+
+
+def test_fsdp_matches_one_process(small, tmp_path):
+    one, _ = run(small, str(tmp_path / "one"), 1, 4, "dapo", extra=ADAMW)
+    two, _ = run(small, str(tmp_path / "two"), 2, 2, "dapo", extra=[*ADAMW, "--distributed", "fsdp"])
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    ckpt = tmp_path / "two" / "checkpoint-3"
+    assert sorted(os.listdir(ckpt / "shards")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from transformers import AutoModelForCausalLM  # the whole weights load as any checkpoint does
+    loaded = AutoModelForCausalLM.from_pretrained(str(ckpt)).state_dict()
+    assert max((loaded[k] - two[k]).abs().max().item() for k in two) == 0
+
+
+def test_fsdp_resumes_exactly_and_checks_its_shards(small, tmp_path):
+    lora = [*ADAMW, "--distributed", "fsdp", "--use_lora", "true", "--lora_r", "4", "--save_steps", "1"]
+    straight, _ = run(small, str(tmp_path / "a"), 2, 2, "grpo", extra=lora)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-3")  # killed after step 2's checkpoint
+    resumed, _ = run(small, str(tmp_path / "b"), 2, 2, "grpo", extra=[*lora, "--resume", "latest"])
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0  # dropout and all
+    shard = tmp_path / "b" / "checkpoint-3" / "shards" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    assert "shards/__1_0.distcp" in checkpoint.checkpoint_problem(str(tmp_path / "b" / "checkpoint-3"))

@@ -1,0 +1,74 @@
+"""FSDP: torch's fully_shard, for a model whose weights, gradients and optimizer state do not fit one device.
+
+    torchrun --nproc_per_node 8 train.py --config configs/x.py --distributed=fsdp
+
+Every decoder layer is a shard group of its own; the root group is a thin wrapper (Root) around the model
+and holds the rest: the embeddings, the final norm and the lm_head (tied or not). The log-prob kernel reads
+the lm_head weight straight from the model, so train.py runs it as the root's forward (Root(fn, *args)),
+where FSDP has gathered that weight and from where its backward reduce-scatters every gradient. The sampler
+makes many small forwards, so it runs through the root too and keeps each gathered layer until it ends
+(gathered), then reshards.
+Gradients are summed over the processes, as DDP's are here: each loss is already over the global batch.
+"""
+import contextlib
+
+import torch.nn as nn
+
+
+class Root(nn.Module):
+    """The sharded model's root: root(fn, *args, **kwargs) = fn(model, ...) with the root's parameters gathered."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def decoder_layers(model):
+    """The model's repeated blocks: the classes transformers names in _no_split_modules (Qwen3DecoderLayer, ...)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"distributed='fsdp': {type(model).__name__} names no decoder layer class "
+                         "(_no_split_modules) to shard by; use distributed='ddp'")
+    return layers
+
+
+def shard(model):
+    """fully_shard each decoder layer of `model`, then the Root around it: the root (an FSDPModule)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    root = fully_shard(Root(model))
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # a sum over processes, not a mean,
+            m.set_force_sum_reduction_for_comms(True)  # as a plain sum (gloo has no pre-multiplied sum)
+    return root
+
+
+def fsdp_modules(root):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(root):
+    """In the block, each shard group stays whole once a forward through the root has gathered it (the
+    sampler's many small forwards gather once), and every group is resharded after."""
+    mods = fsdp_modules(root)
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(m is not root, recurse=False)  # FSDP keeps the root gathered otherwise
+
+
+def gradient_sync(root, on):
+    """Reduce-scatter gradients after this backward (the last micro-batch of a step) or not."""
+    root.set_requires_gradient_sync(on)
