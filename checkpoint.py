@@ -180,8 +180,8 @@ def load_checkpoint(run, path, say=print):
     root = run["roots"].get(id(run["model"]))
     sharded = os.path.isdir(os.path.join(path, SHARDS))
     if (root is not None) != sharded:
-        raise ValueError(f"{path} was saved {'with' if sharded else 'without'} distributed='fsdp' under torchrun: "
-                         f"resume it {'with' if sharded else 'without'} it")
+        raise ValueError(f"{path} holds FSDP shards: resume it under torchrun with distributed='fsdp'" if sharded else
+                         f"{path} holds no FSDP shards (saved without FSDP): resume it with distributed='ddp'")
     if root is not None:  # weights and optimizer state from every process's shard
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         model_sd, opt_sd = get_state_dict(root, run["optimizer"])

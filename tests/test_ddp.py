@@ -63,6 +63,8 @@ def test_fsdp_matches_one_process(small, tmp_path):
     from transformers import AutoModelForCausalLM  # the whole weights load as any checkpoint does
     loaded = AutoModelForCausalLM.from_pretrained(str(ckpt)).state_dict()
     assert max((loaded[k] - two[k]).abs().max().item() for k in two) == 0
+    with pytest.raises(AssertionError, match="holds FSDP shards: resume it under torchrun with distributed='fsdp'"):
+        run(small, str(tmp_path / "two"), 1, 4, "dapo", extra=[*ADAMW, "--resume", "latest"])
 
 
 def test_fsdp_resumes_exactly_and_checks_its_shards(small, tmp_path):
