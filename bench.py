@@ -24,6 +24,10 @@ Rows (ratio = ours / peer, in the row's unit):
             CUDA also a Qwen3-1.7B shape in bf16 at 8 and 16 generations, 256 and 1024 tokens
             (micro-batches of 64 completions); seconds per step, and peak memory including the setup
             (model, reference, optimizer).
+  trl       the same NMGRPO step (neural_mirror, full fine-tuning against a frozen copy) on its two backends:
+            train.train_step (native) vs one optimizer step of backend='trl' (trl_backend.build_trainer, TRL's
+            GRPOTrainer with our regulariser, rewards and data), from one Config: 8 prompts x 8 completions of
+            exactly 32 tokens (--full: also 128, and the mid model), temperature 1, fp32; seconds per step.
 
 Method: every case runs in a fresh subprocess (`python bench.py --case SPEC`) that builds its
 model and inputs, then runs 1 warmup and `--repeats` timed calls and reports the median. Peak
@@ -195,15 +199,19 @@ def save_step_model(folder, model):
     return [r["question"] for r in rows[:STEP_PROMPTS]]
 
 
-def step_ours(folder, questions, length, out, **knobs):
-    """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step."""
-    cfg = config.make(**{**dict(
+def step_config(folder, questions, length, out, **knobs):
+    """The Config of a step case: the 8 prompts (batch_size 8), the `length` reward, fp32, constant lr."""
+    return config.make(**{**dict(
         model_name=folder, dataset_name=[{"prompt": q} for q in questions], eval_size=0, batch_size=STEP_PROMPTS,
         num_generations=STEP_GENERATIONS, max_steps=1000, max_completion_length=length, max_prompt_length=128,
         max_seq_length=128 + length, divergence_type="none", reward_functions=["length"], precision="fp32",
         device=DEVICE.type, lr_scheduler="constant", warmup_steps=0, seed=0, output_dir=os.path.join(out, "ours"),
-        memory_metrics=False), **STEP_COMMON, **knobs})
-    run = train.setup(cfg)
+        memory_metrics=False, log_completions=False, log_level="WARNING"), **STEP_COMMON, **knobs})
+
+
+def step_ours(folder, questions, length, out, **knobs):
+    """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step."""
+    run = train.setup(step_config(folder, questions, length, out, **knobs))
     run["eos"] = [run["model"].config.vocab_size]  # an id never drawn: every row runs `length` tokens
     return lambda: train.train_step(run)[0]["completion_length_max"]
 
@@ -240,10 +248,25 @@ def step_trl(folder, questions, length, out):
         beta=0.0, scale_rewards="group", shuffle_dataset=False, max_steps=1000, lr_scheduler_type="constant",
         warmup_steps=0, optim="adamw_torch", report_to="none", logging_strategy="no", save_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, seed=0, **STEP_COMMON)
-    gate = Gate()
     trainer = GRPOTrainer(model=folder, reward_funcs=lambda completions, **kw: [rewards.length(c) for c in completions],
                           args=args, train_dataset=Dataset.from_list([{"prompt": t} for t in texts] * 1000),
-                          processing_class=tokenizer, callbacks=[gate])
+                          processing_class=tokenizer)
+    return gated(trainer)
+
+
+def step_backend_trl(folder, questions, length, out, **knobs):
+    """One optimizer step of backend='trl' (trl_backend.build_trainer) on step_ours's config."""
+    import trl_backend
+    trainer = trl_backend.build_trainer(step_config(folder, questions, length, out, **knobs))
+    trainer.generation_config.min_new_tokens = length  # EOS masked until `length`, as in step_trl
+    return gated(trainer)
+
+
+def gated(trainer):
+    """step(): one real optimizer step of trainer.train(), run in a thread that a Gate callback releases for
+    exactly one step; returns the step's longest completion."""
+    gate = Gate()
+    trainer.add_callback(gate)
     threads = torch.get_num_threads()
 
     def target():
@@ -268,7 +291,7 @@ def step_trl(folder, questions, length, out):
 
 def case_step(spec):
     """(step, work): one optimizer step of a whole GRPO loop, 8 prompts x 8 completions of exactly
-    spec["length"] tokens, no reference model; work is the completions per step."""
+    spec["length"] tokens (no reference model for the ours and trl sides); work is the completions per step."""
     out = tempfile.mkdtemp(prefix="nmgrpo-bench-")
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     questions = save_step_model(os.path.join(out, "model"), spec["model"])
@@ -279,6 +302,9 @@ def case_step(spec):
                         use_lora=spec["side"] == "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                         num_generations=generations, precision=spec.get("precision", "fp32"),
                         gradient_accumulation_steps=max(1, STEP_PROMPTS * generations // 64))
+    elif spec["side"] in ("native", "backend_trl"):  # NMGRPO, full fine-tuning against a frozen copy
+        one = {"native": step_ours, "backend_trl": step_backend_trl}[spec["side"]](
+            folder, questions, spec["length"], out, divergence_type="neural_mirror")
     else:
         one = {"ours": step_ours, "trl": step_trl}[spec["side"]](folder, questions, spec["length"], out)
 
@@ -406,8 +432,20 @@ def rows_mirror(full, repeats):
               lambda r: 1e6 * r["seconds"] / r["work"])
 
 
+def rows_trl(full, repeats):
+    if importlib.util.find_spec("trl") is None:
+        print("trl rows skipped: TRL is not installed (pip install \"trl>=1.16,<1.17\")", file=sys.stderr)
+        return
+    sizes = [(m, n) for m in ("tiny", "mid") for n in (32, 128)] if full else [("tiny", 32)]
+    for model, length in sizes:
+        native, trl_ = (measure(case="step", side=s, model=model, length=length, repeats=repeats)
+                        for s in ("native", "backend_trl"))
+        yield row("NMGRPO step, native vs backend='trl'", f"{model}, 8 x 8 x {length} tok, neural_mirror", "s/step",
+                  native, trl_, lambda r: r["seconds"])
+
+
 ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror, "step": rows_step,
-        "lora": rows_lora}
+        "lora": rows_lora, "trl": rows_trl}
 
 
 def main():

@@ -15,9 +15,8 @@ ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_ty
 MODEL = {"name_or_path": "model_name", "precision": "precision", "gradient_checkpointing": "gradient_checkpointing",
          "max_seq_length": "max_seq_length", "use_peft": "use_lora", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
          "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules",
-         "tokenizer_name": "tokenizer_name",
-         "disable_dropout": None, "trust_remote_code": None, "device_map": None, "attn_implementation": None,
-         "backend": None}
+         "tokenizer_name": "tokenizer_name", "backend": "backend",
+         "disable_dropout": None, "trust_remote_code": None, "device_map": None, "attn_implementation": None}
 DATASET = {"name": "dataset_name", "split": "split", "config_name": "dataset_config", "subset": "dataset_config",
            "column_mapping": "column_mapping", "system_prompt": "system_prompt", "max_samples": "max_samples",
            "processing_fn": "processing_fn", "percent": None, "task_type": None, "weight": None}
@@ -49,7 +48,7 @@ TOP = ("algo", "algorithm", "model", "datasets", "dataset", "train", "training",
        "chat_template", "rewards", "backend")
 # keys accepted without a field, at the values that mean what we always do
 NEUTRAL = {"model.disable_dropout": (True,), "model.trust_remote_code": (False,), "model.device_map": (None, "auto"),
-           "model.attn_implementation": (None, "auto"), "model.backend": ("trl",),
+           "model.attn_implementation": (None, "auto"),
            "datasets.percent": (None, 100), "datasets.task_type": (None, "conversation", "grpo"),
            "datasets.weight": (1, 1.0), "train.save_strategy": ("steps",), "train.eval_strategy": ("steps",),
            "train.logging_strategy": ("steps",), "train.use_cache": (None, False, True, (False,)),
@@ -57,7 +56,7 @@ NEUTRAL = {"model.disable_dropout": (True,), "model.trust_remote_code": (False,)
            "distributed.gpus_per_node": (1,), "caching.enabled": (True, False)}
 WHY = {"distributed.backend": "only 'single' runs in this version",
        "distributed.nodes": "one node in this version", "distributed.gpus_per_node": "one GPU per run in this version",
-       "model.trust_remote_code": "models load with transformers' own code", "model.backend": "the engine is our own",
+       "model.trust_remote_code": "models load with transformers' own code",
        "model.attn_implementation": "the model's default attention runs", "model.device_map": "one device per run",
        "train.eval_strategy": "eval runs every eval_steps (0: at the end only)",
        "datasets.percent": "give the slice in split instead, e.g. split: 'train[:10%]'",
@@ -154,7 +153,9 @@ def from_nested(data):
         out["rewards"] = data["rewards"]
     if "chat_template" in data:
         out["chat_template"] = data["chat_template"]
-    if "backend" in data:
+    if "backend" in data:  # 'trl': TRL's GRPOTrainer with our regulariser, rewards and data (trl_backend.py)
+        if out.get("backend", data["backend"]) != data["backend"]:
+            raise ValueError(f"backend={data['backend']!r} and model.backend={out['backend']!r} disagree: keep one")
         out["backend"] = data["backend"]
     for field, value in ALGOS[algo].items():
         out.setdefault(field, value)

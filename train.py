@@ -787,13 +787,15 @@ class RLTrainer:
     """What create_rl_trainer returns: .train() runs NMGRPO and returns the results dict."""
 
     def __init__(self, cfg):
-        self.cfg, self.run, self.results = cfg, None, None
+        self.cfg, self.run, self.results, self.trl = cfg, None, None, None
 
     def train(self):
         """Train; the results dict under AlignTune's names (and ours: output_dir, checkpoint, steps)."""
         t0 = time.perf_counter()
-        if self.cfg.backend == "trl":
-            out = train(self.cfg)
+        if self.cfg.backend == "trl":  # TRL's GRPOTrainer (trl_backend.py), kept for evaluate and save_model
+            import trl_backend
+            self.trl = trl_backend.build_trainer(self.cfg)
+            out = trl_backend.fit(self.trl, self.cfg)
         else:
             self.run = setup(self.cfg)
             out = fit(self.run)
@@ -807,14 +809,22 @@ class RLTrainer:
         return self.results
 
     def evaluate(self):
-        """Held-out metrics (eval/accuracy, eval/reward) of the current weights."""
+        """Held-out metrics (eval/accuracy, eval/reward) of the current weights (backend 'trl': TRL's evaluation)."""
+        if self.cfg.backend == "trl":
+            import trl_backend
+            self.trl = self.trl or trl_backend.build_trainer(self.cfg)
+            self.trl.evaluate()
+            return {k: v for k, v in self.trl.metrics_file.evals[-1].items() if k.startswith("eval/")}
         if self.run is None:
             self.run = setup(self.cfg)
         return evaluate(self.run)
 
     def save_model(self, path=None):
         """A checkpoint of the current weights (in output_dir unless `path`, a new or empty folder, or an
-        earlier checkpoint); returns its folder."""
+        earlier checkpoint); returns its folder. backend 'trl': TRL's save_model (output_dir unless `path`)."""
+        if self.trl is not None:
+            self.trl.save_model(path or self.cfg.output_dir)
+            return path or self.cfg.output_dir
         if self.run is None:
             raise ValueError("save_model: nothing trained yet; call .train() first")
         busy = path and os.path.isdir(path) and os.listdir(path)
