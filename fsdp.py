@@ -49,16 +49,12 @@ def shard(model):
     return root
 
 
-def fsdp_modules(root):
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in root.modules() if isinstance(m, FSDPModule)]
-
-
 @contextlib.contextmanager
 def gathered(root):
     """In the block, each shard group stays whole once a forward through the root has gathered it (the
     sampler's many small forwards gather once), and every group is resharded after."""
-    mods = fsdp_modules(root)
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in root.modules() if isinstance(m, FSDPModule)]
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
     try:
@@ -67,8 +63,3 @@ def gathered(root):
         for m in mods:
             m.reshard()
             m.set_reshard_after_forward(m is not root, recurse=False)  # FSDP keeps the root gathered otherwise
-
-
-def gradient_sync(root, on):
-    """Reduce-scatter gradients after this backward (the last micro-batch of a step) or not."""
-    root.set_requires_gradient_sync(on)

@@ -431,7 +431,7 @@ def learn(run, batch, adv, loss_mask, ref_logp):
     for it in range(cfg.num_iterations):
         for s in slices:
             if root is not None:  # FSDP reduce-scatters the gradients after the step's last micro-batch only
-                fsdp.gradient_sync(root, s is slices[-1])
+                root.set_requires_gradient_sync(s is slices[-1])
             old = None if old_logp is None else old_logp[s]
             ref = None if ref_logp is None else ref_logp[s]
             if cfg.fused_loss:
