@@ -17,10 +17,18 @@ of h values. With d = y - y0, u0_j = w_j*y0 + b_j and e_j = w_j*d (= u_j - u0_j)
 each E_j and K written in closed form as O(d) without subtracting nearly equal numbers
 (a series for tiny arguments), in float64. Probabilities are clamped to [1e-30, 1] so that
 log(y) is finite.
+
+    python mirror.py plot A.safetensors [B.safetensors ...] --out mirror.png
+
+draws phi_inv and D(p || p_ref) of saved maps (es.py's best_mirror.safetensors) beside their initial
+maps and the KL penalty (needs matplotlib).
 """
+import argparse
 import difflib
+import importlib
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -221,3 +229,73 @@ def divergence(kind, logp, ref_logp, *, mirror=None, coef=0.0, beta=0.0):
     if mirror is None:
         raise ValueError("divergence 'neural_mirror' needs mirror=NeuralMirror(...)")
     return (coef * mirror.bregman(lp.exp(), lr.exp())).to(out)
+
+
+# ---------------------------------------------------------------------------- plot
+
+P_REFS = (0.1, 0.5, 0.9)
+
+
+def plot(paths, out="mirror.png", coef=1.0, beta=1.0):
+    """Draw, for each mirror file in `paths` (solid) and the initial map its init_scale and seed give (dashed):
+    phi_inv(p), and coef * D(p || p_ref) for p_ref in P_REFS beside beta * the k3 KL penalty on log axes.
+    Writes the PNG `out` and returns its path."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is not a file: give mirrors saved by es.py (best_mirror.safetensors) "
+                             "or NeuralMirror.save")
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        raise ValueError("plot needs the matplotlib package: pip install matplotlib") from None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    p = torch.linspace(0.002, 1, 500, dtype=torch.float64)  # (500,)
+    fig = Figure(figsize=(4 * (1 + len(P_REFS)), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 1 + len(P_REFS))
+    for k, path in enumerate(paths):
+        learned = NeuralMirror.load(path)
+        name = os.path.basename(path)
+        maps = ((learned, "-", name), (NeuralMirror(learned.init_scale, learned.seed), "--",
+                                       f"initial (scale {learned.init_scale:g}, seed {learned.seed})"))
+        with torch.no_grad():
+            for m, style, label in maps:
+                axes[0].plot(p, m.phi_inv(p), style, color=f"C{k}", label=label)
+                for ax, ref in zip(axes[1:], P_REFS):
+                    ax.plot(p, coef * m.bregman(p, torch.full_like(p, ref)), style, color=f"C{k}")
+    for ax, ref in zip(axes[1:], P_REFS):
+        x = math.log(ref) - p.log()
+        ax.plot(p, beta * (torch.expm1(x) - x), ":", color="black", label="k3 KL: p_ref/p - log(p_ref/p) - 1")
+        ax.set(yscale="log", title=f"penalty at p_ref = {ref}", xlabel="p (the token's probability)")
+        ax.axvline(ref, color="gray", linewidth=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].set(title="phi_inv(p) = h'(p)", xlabel="p")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    axes[1].legend(fontsize="small", loc="upper right")
+    fig.suptitle(f"Neural mirror maps: solid learned, dashed initial. Penalties: {coef:g} x D_h(p || p_ref) "
+                 f"and {beta:g} x k3 KL (log scale)")
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="mirror.py", description="Tools for saved neural mirror maps.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("plot", help="draw phi_inv and D(p || p_ref) of saved maps against their initial maps and KL")
+    cmd.add_argument("files", nargs="+", help="mirror files (safetensors from es.py or NeuralMirror.save)")
+    cmd.add_argument("--out", default="mirror.png", help="the PNG to write (default mirror.png)")
+    cmd.add_argument("--coef", type=float, default=1.0, help="weight of D (e.g. mirror_coefficient; default 1)")
+    cmd.add_argument("--beta", type=float, default=1.0, help="weight of the KL penalty (e.g. beta; default 1)")
+    args = parser.parse_args(argv)
+    try:
+        print(plot(args.files, args.out, args.coef, args.beta))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -653,7 +653,9 @@ def train(cfg, mirror=None):
 def held_out_score(cfg, mirror=None, fitness="accuracy"):
     """Train from cfg (with `mirror`) in this process alone, then the final held-out eval/accuracy or
     eval/reward: the fitness of an ES candidate. Raises FloatingPointError when it is not finite."""
-    out = fit(setup(cfg, mirror, solo=True))
+    out = fit(setup(cfg, mirror, solo=True), save_last=False)
+    if out["stopped_by"]:
+        raise KeyboardInterrupt(f"{out['stopped_by']}: the inner run stopped after step {out['steps']}")
     score = out["metrics"].get(f"eval/{fitness}")
     if score is None:
         raise ValueError(f"es_fitness={fitness!r}: the run logged no eval/{fitness} (accuracy needs the "
@@ -663,8 +665,8 @@ def held_out_score(cfg, mirror=None, fitness="accuracy"):
     return score
 
 
-def fit(run):
-    """The loop over a prepared run (see setup)."""
+def fit(run, save_last=True):
+    """The loop over a prepared run (see setup); save_last=False skips the checkpoint of the last step."""
     cfg = run["cfg"]
     if run["resume"]:
         log(f"resumed from {run['resume']} at step {run['step']}")
@@ -702,7 +704,7 @@ def fit(run):
     t0 = time.perf_counter()
     with stop_signals() as caught:
         try:
-            out = loop(run, record, caught)
+            out = loop(run, record, caught, save_last)
         finally:
             for logger in loggers:
                 logger.close()
@@ -716,7 +718,7 @@ def fit(run):
             "best_eval": pick(best)}
 
 
-def loop(run, record, caught):
+def loop(run, record, caught, save_last=True):
     """Steps until total_steps or a stop signal (then a checkpoint): the last metrics, the last checkpoint,
     every eval row, the tokens generated, and the signal that stopped the run (or None)."""
     cfg = run["cfg"]
@@ -740,7 +742,7 @@ def loop(run, record, caught):
         if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"] or stop:
             record(m, completions)
             log(logs.completions_table(completions, width=min(shutil.get_terminal_size().columns, 160)))
-        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"] or stop:
+        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"] and save_last or stop:
             ckpt = checkpoint_lib.save_checkpoint(run) if RANK == 0 or run["roots"] else None  # FSDP: every rank
         bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
         bar.update(1)

@@ -511,3 +511,18 @@ def test_sampler_and_learner_agree_on_the_log_probs(small):
     train.train(make(small, max_steps=3, num_iterations=2, rewards=LENGTH))
     gaps = [r["sampler_logp_gap"] for r in read_jsonl(os.path.join(small["output_dir"], "metrics.jsonl"))]
     assert len(gaps) == 3 and all(g < 1e-4 for g in gaps)  # fp32: the same weights, the same function
+
+
+def test_held_out_score_trains_with_the_given_mirror_and_saves_nothing(small, tmp_path):
+    mirror = NeuralMirror(0.5, seed=7)
+    cfg = config.make(**small, mirror_coefficient=1.0, reward_functions=["math_correctness"])
+    score = train.held_out_score(cfg, mirror, "accuracy")
+    assert 0.0 <= score <= 1.0
+    assert not [d for d in os.listdir(cfg.output_dir) if d.startswith("checkpoint-")]  # ES throws it away
+    assert torch.equal(mirror.to_vector(), NeuralMirror(0.5, seed=7).to_vector())  # the caller's map is untouched
+    path = str(tmp_path / "m.safetensors")
+    mirror.save(path)
+    run = train.setup(config.make(**{**small, "output_dir": str(tmp_path / "o2")}, mirror_path=path))
+    assert torch.equal(run["mirror"].to_vector(), mirror.to_vector())  # mirror_path replaces the random map
+    with pytest.raises(ValueError, match="mirror_path='nope' is not a file"):
+        config.make(**small, mirror_path="nope")
