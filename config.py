@@ -348,6 +348,9 @@ def validate(cfg):
     if not (cfg.es_sigma > 0 and cfg.es_lr > 0 and 0 < cfg.es_sigma_decay <= 1):
         raise ValueError(f"ES needs es_sigma > 0, es_lr > 0 and 0 < es_sigma_decay <= 1; got es_sigma={cfg.es_sigma}, "
                          f"es_lr={cfg.es_lr}, es_sigma_decay={cfg.es_sigma_decay}")
+    if cfg.distributed == "fsdp" and cfg.precision == "fp16":
+        raise ValueError("precision='fp16' with distributed='fsdp': each process would scale its own loss; use "
+                         "precision='bf16'")
     if cfg.mirror_path is not None and not os.path.isfile(cfg.mirror_path):
         raise ValueError(f"mirror_path={cfg.mirror_path!r} is not a file: give a mirror saved by es.py "
                          "(best_mirror.safetensors) or by NeuralMirror.save")

@@ -52,11 +52,12 @@ import tempfile
 import time
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import config as config_lib
+import rewards as rewards_lib
 import train
 from mirror import N_PARAMS, NeuralMirror
 
@@ -132,8 +133,16 @@ def save_state(folder, state):
 
 def load_state(path):
     """The state dict saved by save_state."""
-    with safe_open(path, "pt") as f:
-        return {**json.loads(f.metadata()["state"]), **{k: f.get_tensor(k) for k in f.keys()}}
+    try:
+        with safe_open(path, "pt") as f:
+            meta = (f.metadata() or {}).get("state")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        meta, tensors = None, str(e)
+    if meta is None:
+        raise ValueError(f"{path} is not an {STATE} ({tensors if isinstance(tensors, str) else 'no ES state'}): "
+                         "give the ES run's output_dir, or --resume=latest")
+    return {**json.loads(meta), **tensors}
 
 
 def start(cfg):
@@ -151,6 +160,11 @@ def start(cfg):
         if (state["seed"], state["population"]) != (cfg.seed, cfg.es_population):
             raise ValueError(f"{path} was written with seed={state['seed']}, es_population={state['population']}: "
                              "resume with the same values")
+        now = settings(cfg)
+        changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in state.get("config", {}).items() if now.get(k) != v]
+        if changed:
+            log("resuming with changed settings (the search will not match an uninterrupted one): " +
+                "; ".join(changed), warning=True)
         log(f"resumed from {path} after iteration {state['iteration']}")
         return state
     if cfg.resume == "latest":
@@ -159,7 +173,13 @@ def start(cfg):
         NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed)
     centre = mirror.to_vector().clamp(min=0)  # (380,)
     return dict(centre=centre, best=centre.clone(), iteration=0, sigma=cfg.es_sigma, seed=cfg.seed,
-                population=cfg.es_population, best_fitness=None, best_iteration=None, history=[])
+                population=cfg.es_population, best_fitness=None, best_iteration=None, history=[],
+                config=settings(cfg))
+
+
+def settings(cfg):
+    """The config a search was started with, as JSON values (where it writes and resumes from aside)."""
+    return {k: v for k, v in config_lib.config_dict(cfg).items() if k not in ("resume", "output_dir")}
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -266,12 +286,12 @@ def evolve(cfg, fitness):
                dynamic_ncols=True)
     for t in range(state["iteration"], cfg.es_iterations):
         row = iteration(cfg, state, t, fitness)
-        if RANK == 0:
+        if RANK == 0:  # the state last: it is what resume trusts, and rows past it are dropped
+            with open(metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
             NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).from_vector(state["best"]).save(
                 os.path.join(cfg.output_dir, BEST))
             save_state(cfg.output_dir, state)
-            with open(metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                      if k not in ("fitness", "failed")))
         bar.set_postfix(centre=row["centre_fitness"], best=state["best_fitness"])
@@ -303,6 +323,13 @@ def inner_fitness(cfg):
 
 def check(cfg):
     """ValueError for a config the search cannot run."""
+    if cfg.backend == "trl":
+        raise ValueError("backend='trl': es.py trains its candidates on the native engine; set backend='auto'")
+    names = [r.name for r in rewards_lib.resolve(cfg.rewards, cfg.reward_functions or (None if cfg.rewards else
+                                                 ["math_correctness"]), cfg.reward_function_weights)]
+    if cfg.es_fitness == "accuracy" and "math_correctness" not in names:
+        raise ValueError("es_fitness='accuracy' is the math_correctness reward's held-out mean: add that reward, "
+                         "or set es_fitness='reward'")
     if cfg.divergence_type != "neural_mirror":
         raise ValueError(f"divergence_type={cfg.divergence_type!r}: es.py learns the neural mirror map; "
                          "set divergence_type='neural_mirror'")
@@ -331,6 +358,9 @@ def main(argv):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a stop signal: the last finished iteration is saved
+        log(f"stopped ({e or 'interrupted'}); continue with --resume", warning=True)
+        return 130
     finally:
         if WORLD > 1:
             import torch.distributed as dist

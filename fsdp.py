@@ -8,7 +8,8 @@ the lm_head weight straight from the model, so train.py runs it as the root's fo
 where FSDP has gathered that weight and from where its backward reduce-scatters every gradient. The sampler
 makes many small forwards, so it runs through the root too and keeps each gathered layer until it ends
 (gathered), then reshards.
-Gradients are summed over the processes, as DDP's are here: each loss is already over the global batch.
+Gradients are summed over the processes, as DDP's are here (each loss is already over the global batch),
+and reduce-scattered after every micro-batch, so that no process ever holds a whole gradient.
 """
 import contextlib
 
@@ -36,12 +37,20 @@ def decoder_layers(model):
     return layers
 
 
-def shard(model):
-    """fully_shard each decoder layer of `model`, then the Root around it: the root (an FSDPModule)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+def shard(model, frozen=False):
+    """fully_shard each decoder layer of `model`, then the Root around it: the root (an FSDPModule).
+    `frozen`: a model that only runs forwards (the reference), whose root must reshard after each one."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+        FSDPModule.set_force_sum_reduction_for_comms
+    except (ImportError, AttributeError):
+        raise ValueError("distributed='fsdp' needs a newer torch (pip install -U torch; tested with 2.13): "
+                         "or use distributed='ddp'") from None
     for layer in decoder_layers(model):
         fully_shard(layer)
     root = fully_shard(Root(model))
+    if frozen:  # FSDP keeps a root gathered until its backward, which a frozen model never runs
+        root.set_reshard_after_forward(True, recurse=False)
     for m in root.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # a sum over processes, not a mean,

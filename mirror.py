@@ -32,7 +32,7 @@ import sys
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 N_UNITS = 126  # 6 families x 21 units
@@ -192,9 +192,13 @@ class NeuralMirror(nn.Module):
     @classmethod
     def load(cls, path):
         """A NeuralMirror (on the CPU) read from a file written by save()."""
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path} is not a mirror file ({e}): give a best_mirror.safetensors from es.py or a "
+                             "file written by NeuralMirror.save") from None
         mirror = cls(float(meta.get("init_scale", 0.01)), int(meta.get("seed", 42)))
         expected = {k: tuple(p.shape) for k, p in mirror.named_parameters()}
         found = {k: tuple(t.shape) for k, t in tensors.items()}

@@ -1,6 +1,6 @@
 """The study: on the offline toy task, does the regulariser matter, and what does an ES-learned mirror buy?
 
-    python study.py                     # about 12 minutes on 2 CPU cores; prints a markdown table
+    python study.py                     # 10 to 12 minutes on 2 CPU cores; prints a markdown table
     python study.py --seeds 0,1,2
 
 1. es.py on configs/study.py learns a mirror, scoring its candidates on prompts carved off the training split.
@@ -26,8 +26,9 @@ import es
 import mirror
 import train
 
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "study.py")
-RUNS, DOCS = os.path.join("output", "study"), os.path.join("docs", "study")
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG = os.path.join(HERE, "configs", "study.py")
+RUNS, DOCS = os.path.join(HERE, "output", "study"), os.path.join(HERE, "docs", "study")
 
 
 def arms(learned):
@@ -56,7 +57,7 @@ def table(results, es_seconds):
     for name, r in results.items():
         acc = r["accuracy"]
         extra = f" + ES {es_seconds:.0f} s" if name == "ES mirror" else ""
-        lines.append(f"| {name} | {len(acc)} | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} | "
+        lines.append(f"| {name} | {len(acc)} | {statistics.mean(acc):.3f} ± {statistics.stdev(acc) if len(acc) > 1 else 0.0:.3f} | "
                      f"{', '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(r['penalty']):.2e} | "
                      f"{sum(r['seconds']):.0f} s{extra} |")
     return "\n".join(lines)
@@ -66,14 +67,18 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds of the arms (default 0,1,2,3,4)")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     torch.set_num_threads(1)  # tiny matmuls run fastest on one thread
     t0 = time.perf_counter()
     es_dir = os.path.join(RUNS, "es")
     resume = ["--resume"] if os.path.isfile(os.path.join(es_dir, es.STATE)) else []
     if es.main(["--config", CONFIG, f"--output_dir={es_dir}"] + resume):
         return 2
-    es_seconds = time.perf_counter() - t0
+    state = es.load_state(os.path.join(es_dir, es.STATE))
+    es_seconds = sum(row["time"] for row in state["history"])  # every iteration's, resumed or not
     os.makedirs(DOCS, exist_ok=True)
     learned = os.path.join(DOCS, "best_mirror.safetensors")
     shutil.copyfile(os.path.join(es_dir, es.BEST), learned)
@@ -86,7 +91,6 @@ def main(argv):
             for k, v in zip(r, (acc, penalty, seconds)):
                 r[k].append(v)
             print(f"{name} seed {seed}: test accuracy {acc:.3f} ({seconds:.0f} s)", flush=True)
-    state = es.load_state(os.path.join(es_dir, es.STATE))
     text = (table(results, es_seconds) + f"\n\nES: {state['iteration']} iterations x {base.es_population} "
             f"candidates + the centre, {base.es_inner_steps} steps each, {es_seconds:.0f} s; best validation score "
             f"{state['best_fitness']:.3f} (the centre of iteration {state['best_iteration']}). "

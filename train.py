@@ -204,7 +204,8 @@ def setup(cfg, mirror=None, solo=False):
     ref_model = None
     if cfg.divergence_type != "none" and not cfg.use_lora:  # a frozen copy of the initial weights
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # (LoRA: the base, adapters off)
-    roots = {id(m): fsdp.shard(m) for m in (model, ref_model) if m is not None} if sharded else {}
+    roots = {id(m): fsdp.shard(m, frozen=m is ref_model) for m in (model, ref_model) if m is not None} \
+        if sharded else {}
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         cfg.num_epochs * len(train_set) / (cfg.batch_size * WORLD))
     mirror = copy.deepcopy(mirror) if mirror is not None else NeuralMirror.load(cfg.mirror_path) if cfg.mirror_path \
@@ -427,11 +428,8 @@ def learn(run, batch, adv, loss_mask, ref_logp):
     norm = normaliser(cfg, loss_mask)
     sums = dict(loss=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0, divergence=0.0, ratio=0.0, grad_norm=0.0,
                 logp_gap=0.0)
-    root = run["roots"].get(id(model))
     for it in range(cfg.num_iterations):
         for s in slices:
-            if root is not None:  # FSDP reduce-scatters the gradients after the step's last micro-batch only
-                root.set_requires_gradient_sync(s is slices[-1])
             old = None if old_logp is None else old_logp[s]
             ref = None if ref_logp is None else ref_logp[s]
             if cfg.fused_loss:
@@ -550,7 +548,8 @@ def train_step(run):
     idx = data.batch_indices(len(run["train_set"]), cfg.batch_size, step, cfg.seed, RANK, WORLD)
     examples = [run["train_set"][i] for i in idx]
     gen = torch.Generator(run["device"]).manual_seed(step_seed(cfg, step))
-    torch.manual_seed(step_seed(cfg, step) + RANK)  # the global RNG (LoRA dropout): a resumed run draws the same
+    torch.manual_seed(step_seed(cfg, step) + 7919 * (RANK + 1))  # the global RNG (LoRA dropout), apart from the
+    # sampler's stream: a resumed run draws the same on every process
     peaks = {}
     with peak_memory(run["device"], peaks, "sample", cfg.memory_metrics):
         batch = rollout(run, examples, cfg.num_generations, generator=gen)
@@ -645,6 +644,9 @@ def train(cfg, mirror=None):
     """Run NMGRPO from a Config (and a given mirror); returns the final metrics, the output folder and the last
     checkpoint. backend='trl' trains in TRL's GRPOTrainer (trl_backend.py) instead."""
     if cfg.backend == "trl":
+        if mirror is not None:
+            raise ValueError("backend='trl' reads its mirror from the config: save it (NeuralMirror.save) and give "
+                             "mirror_path")
         import trl_backend
         return trl_backend.train(cfg)
     return fit(setup(cfg, mirror))
@@ -652,7 +654,8 @@ def train(cfg, mirror=None):
 
 def held_out_score(cfg, mirror=None, fitness="accuracy"):
     """Train from cfg (with `mirror`) in this process alone, then the final held-out eval/accuracy or
-    eval/reward: the fitness of an ES candidate. Raises FloatingPointError when it is not finite."""
+    eval/reward: the fitness of an ES candidate. Raises FloatingPointError when it is not finite,
+    KeyboardInterrupt when a stop signal ended the run, ValueError for a config that cannot run."""
     out = fit(setup(cfg, mirror, solo=True), save_last=False)
     if out["stopped_by"]:
         raise KeyboardInterrupt(f"{out['stopped_by']}: the inner run stopped after step {out['steps']}")
@@ -742,7 +745,7 @@ def loop(run, record, caught, save_last=True):
         if step % cfg.logging_steps == 0 or "eval/reward" in m or step == run["total_steps"] or stop:
             record(m, completions)
             log(logs.completions_table(completions, width=min(shutil.get_terminal_size().columns, 160)))
-        if cfg.save_steps and step % cfg.save_steps == 0 or step == run["total_steps"] and save_last or stop:
+        if cfg.save_steps and step % cfg.save_steps == 0 or (step == run["total_steps"] or stop) and save_last:
             ckpt = checkpoint_lib.save_checkpoint(run) if RANK == 0 or run["roots"] else None  # FSDP: every rank
         bar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}")
         bar.update(1)

@@ -29,6 +29,7 @@ INSTALL = 'pip install "trl>=1.16,<1.17"'
 try:
     import trl
     from trl import GRPOConfig, GRPOTrainer
+    from trl.models import prepare_deepspeed, prepare_fsdp
     from trl.trainer.utils import add_fused_lm_head
 except ImportError:  # trl is an optional extra
     raise ValueError(f"backend='trl' needs TRL: {INSTALL}") from None
@@ -67,7 +68,12 @@ class NMGRPOTrainer(GRPOTrainer):
         self._policy_logps = None
         if frozen is not None:  # set up as TRL sets up its own reference model
             add_fused_lm_head(frozen, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-            self.ref_model = self.accelerator.prepare_model(frozen, evaluation_mode=True)
+            if self.is_deepspeed_enabled:
+                self.ref_model = prepare_deepspeed(frozen, self.accelerator)
+            elif self.is_fsdp_enabled:
+                self.ref_model = prepare_fsdp(frozen, self.accelerator)
+            else:
+                self.ref_model = self.accelerator.prepare_model(frozen, evaluation_mode=True)
 
     def _tokenize_prompts(self, prompts):
         """Rendered prompt texts to ids as the native loop tokenises them: no special tokens added, cut from the left."""
@@ -346,17 +352,18 @@ def train(cfg):
 
 
 def fit(trainer, cfg):
-    """trainer.train() (continuing from cfg.resume), then the held-out prompts once more unless the last step
-    evaluated them; the result dict train.fit returns: the last metrics row, the last checkpoint (TRL's
+    """trainer.train() (continuing from cfg.resume), then the held-out prompts once at the end when TRL's eval
+    schedule is off (eval_steps 0; otherwise TRL evaluates the last step); the result dict train.fit returns: the last metrics row, the last checkpoint (TRL's
     checkpoint-N folder, N counting optimizer updates), steps, best eval."""
     import train as native
     resume = resume_from(cfg)
-    if cfg.resume:  # rows logged after the checkpoint (or with none, every row) will be logged again
+    if cfg.resume and trainer.accelerator.is_main_process:  # rows after the checkpoint are logged again
         step = int(os.path.basename(resume).split("-")[-1]) // cfg.num_iterations if resume else -1
         native.truncate_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), step)
+    trainer.accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
-    updates, every = trainer.state.global_step, trainer.args.eval_steps
-    if trainer.eval_dataset is not None and (trainer.args.eval_strategy == "no" or updates % every):
+    updates = trainer.state.global_step
+    if trainer.eval_dataset is not None and trainer.args.eval_strategy == "no":  # else TRL evaluated the last step
         trainer.evaluate()
     evals = trainer.metrics_file.evals
     key = "eval/accuracy" if any("eval/accuracy" in e for e in evals) else "eval/reward"

@@ -261,3 +261,8 @@ def test_cli_bad_flag_is_one_clean_line():
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "did you mean 'learning_rate'" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_fsdp_refuses_fp16():
+    with pytest.raises(ValueError, match="precision='fp16' with distributed='fsdp'"):
+        config.make(distributed="fsdp", precision="fp16")

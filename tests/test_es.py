@@ -160,6 +160,11 @@ def test_cli_checks(tmp_path, capsys):
     assert "es.py learns the neural mirror" in capsys.readouterr().err
     assert es.main(["--es_population=3", f"--output_dir={tmp_path}"]) == 2
     assert "must be even" in capsys.readouterr().err
+    assert es.main(["--reward_functions=length", f"--output_dir={tmp_path}"]) == 2  # before any inner run
+    assert "es_fitness='accuracy' is the math_correctness reward's" in capsys.readouterr().err
+    NeuralMirror().save(str(tmp_path / "m.safetensors"))  # a mirror, not an ES state
+    assert es.main([f"--output_dir={tmp_path}", f"--resume={tmp_path / 'm.safetensors'}"]) == 2
+    assert "is not an es_state.safetensors" in capsys.readouterr().err
 
 
 SCRIPT = """

@@ -312,3 +312,10 @@ def test_plot_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ValueError, match="plot needs the matplotlib package: pip install matplotlib"):
         mirror_lib.plot([a], out)
+
+
+def test_a_file_that_is_not_a_mirror_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not safetensors")
+    with pytest.raises(ValueError, match="is not a mirror file"):
+        NeuralMirror.load(str(path))
