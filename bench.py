@@ -24,6 +24,11 @@ Rows (ratio = ours / peer, in the row's unit):
             CUDA also a Qwen3-1.7B shape in bf16 at 8 and 16 generations, 256 and 1024 tokens
             (micro-batches of 64 completions); seconds per step, and peak memory including the setup
             (model, reference, optimizer).
+  gpu       (CUDA only) the sampler vs HF generate on a random Qwen3-0.6B shape in bf16 at batch 1 and 64,
+            tokens/s, and its memory-bandwidth use: the weight bytes its decode steps read per second
+            over a device-to-device copy's bytes per second (ratio = the fraction of the copy bandwidth);
+            the log-probs at Liger's shape (16 x 1024 tokens, hidden 4096, vocab 128256, bf16): ours,
+            the fused loss and the compiled fused loss vs naive, seconds and peak memory.
   trl       the same NMGRPO step (neural_mirror, full fine-tuning against a frozen copy) on its two backends:
             train.train_step (native) vs one optimizer step of backend='trl' (trl_backend.build_trainer, TRL's
             GRPOTrainer with our regulariser, rewards and data), from one Config: 8 prompts x 8 completions of
@@ -74,23 +79,30 @@ MODELS = {
     "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=1024),
     "mid": dict(layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32, vocab=8192),
     "small": dict(layers=8, hidden=512, heads=8, kv_heads=4, head_dim=64, vocab=16384),
+    "qwen3-0.6b": dict(layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128, vocab=151936, intermediate=3072),
     "qwen3-1.7b": dict(layers=28, hidden=2048, heads=16, kv_heads=8, head_dim=128, vocab=151936, intermediate=6144),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LOGPROB_SHAPES = {"quick": dict(tokens=1024, hidden=256, vocab=32768),
-                  "full": dict(tokens=4096, hidden=896, vocab=151936)}
+                  "full": dict(tokens=4096, hidden=896, vocab=151936),
+                  "liger": dict(tokens=16 * 1024, hidden=4096, vocab=128256, dtype="bf16")}  # Liger's own shape
 
 
 # ----------------------------------------------------------------------------- cases (in the subprocess)
 
-def build_qwen3(layers, hidden, heads, kv_heads, head_dim, vocab, intermediate=None):
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
-                         eos_token_id=None, pad_token_id=0, bos_token_id=None)
+def qwen3_config(layers, hidden, heads, kv_heads, head_dim, vocab, intermediate=None):
+    return Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
+                       eos_token_id=None, pad_token_id=0, bos_token_id=None)
+
+
+def build_qwen3(**sizes):
+    config = qwen3_config(**sizes)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).to(DEVICE).eval()
     # eos = vocab is never produced, so every row runs the full 128 tokens on both sides
-    model.generation_config = GenerationConfig(eos_token_id=vocab, pad_token_id=0)
+    model.generation_config = GenerationConfig(eos_token_id=config.vocab_size, pad_token_id=0)
     return model
 
 
@@ -105,7 +117,7 @@ def prompts(batch, vocab, length=32, seed=0):
 
 def case_sampler(spec):
     """(step, work): one call samples NEW_TOKENS for every row; work is the tokens generated."""
-    model = build_qwen3(**MODELS[spec["model"]])
+    model = build_qwen3(**MODELS[spec["model"]]).to(DTYPES[spec.get("dtype", "fp32")])
     vocab = model.config.vocab_size
     ids, mask = prompts(spec["batch"], vocab)
     seed = itertools.count()  # a fresh seed per call
@@ -124,10 +136,10 @@ def case_sampler(spec):
     return sides[spec["side"]], spec["batch"] * NEW_TOKENS
 
 
-def logprob_inputs(tokens, hidden, vocab):
+def logprob_inputs(tokens, hidden, vocab, dtype="fp32"):
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, hidden, generator=g).to(DEVICE).requires_grad_()
-    w = (0.02 * torch.randn(vocab, hidden, generator=g)).to(DEVICE).requires_grad_()
+    h = torch.randn(tokens, hidden, generator=g).to(DEVICE, DTYPES[dtype]).requires_grad_()
+    w = (0.02 * torch.randn(vocab, hidden, generator=g)).to(DEVICE, DTYPES[dtype]).requires_grad_()
     targets = torch.randint(vocab, (tokens,), generator=g).to(DEVICE)
     return h, w, targets, torch.randn(tokens, generator=g).to(DEVICE)  # upstream grad into logp
 
@@ -315,7 +327,16 @@ def case_step(spec):
     return step, STEP_PROMPTS * generations
 
 
-CASES = {"sampler": case_sampler, "logprobs": case_logprobs, "mirror": case_mirror, "step": case_step}
+def case_copy(spec):
+    """(step, work): a device-to-device copy of spec["mib"] MiB, the memory bandwidth a decode step can hope
+    for; work is the bytes read and written."""
+    src = torch.empty(spec["mib"] << 20, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src), 2 * src.numel()
+
+
+CASES = {"sampler": case_sampler, "logprobs": case_logprobs, "mirror": case_mirror, "step": case_step,
+         "copy": case_copy}
 
 
 def sync():
@@ -444,8 +465,39 @@ def rows_trl(full, repeats):
                   native, trl_, lambda r: r["seconds"])
 
 
+def weight_bytes(model, dtype):
+    """The bytes of a MODELS entry's weights in `dtype`: what each decode step reads at least once."""
+    with torch.device("meta"):
+        net = Qwen3ForCausalLM(qwen3_config(**MODELS[model]))
+    return sum(p.numel() for p in net.parameters()) * DTYPES[dtype].itemsize
+
+
+def rows_gpu(full, repeats):
+    if DEVICE.type != "cuda":
+        print("gpu rows skipped: no CUDA device", file=sys.stderr)
+        return
+    copy = measure(case="copy", mib=4096, repeats=repeats)
+    for batch in (1, 64):
+        spec = dict(case="sampler", model="qwen3-0.6b", batch=batch, dtype="bf16", repeats=repeats)
+        hf = measure(**spec, side="hf")
+        for side in ("ours", "compiled"):
+            ours = measure(**spec, side=side)
+            yield row(f"sampler {side} vs HF generate", f"qwen3-0.6b bf16, batch {batch}", "tokens/s", ours, hf,
+                      lambda r: r["work"] / r["seconds"])
+            read = weight_bytes("qwen3-0.6b", "bf16") * NEW_TOKENS  # every decode step reads the weights once
+            yield row(f"sampler {side}: weight bytes read vs a device copy", f"qwen3-0.6b bf16, batch {batch}",
+                      "GB/s", {**ours, "bytes": read}, {**copy, "bytes": copy["work"]},
+                      lambda r: r["bytes"] / r["seconds"] / 1e9)
+    shape = LOGPROB_SHAPES["liger"]
+    naive = measure(case="logprobs", side="naive", shape=shape, repeats=repeats)
+    for side in ("ours", "fused", "fused_compiled"):
+        ours = measure(case="logprobs", side=side, shape=shape, repeats=repeats)
+        yield row(f"{side} vs naive log-probs", "16 x 1024 tok, hidden 4096, vocab 128256, bf16", "s", ours, naive,
+                  lambda r: r["seconds"])
+
+
 ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror, "step": rows_step,
-        "lora": rows_lora, "trl": rows_trl}
+        "lora": rows_lora, "trl": rows_trl, "gpu": rows_gpu}
 
 
 def main():
