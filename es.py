@@ -57,7 +57,6 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import config as config_lib
-import rewards as rewards_lib
 import train
 from mirror import N_PARAMS, NeuralMirror
 
@@ -325,8 +324,7 @@ def check(cfg):
     """ValueError for a config the search cannot run."""
     if cfg.backend == "trl":
         raise ValueError("backend='trl': es.py trains its candidates on the native engine; set backend='auto'")
-    names = [r.name for r in rewards_lib.resolve(cfg.rewards, cfg.reward_functions or (None if cfg.rewards else
-                                                 ["math_correctness"]), cfg.reward_function_weights)]
+    names = [r.name for r in train.resolve_rewards(cfg)]
     if cfg.es_fitness == "accuracy" and "math_correctness" not in names:
         raise ValueError("es_fitness='accuracy' is the math_correctness reward's held-out mean: add that reward, "
                          "or set es_fitness='reward'")

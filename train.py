@@ -119,6 +119,53 @@ def load_model(name, device, cfg, dtype=torch.float32):
     return model.to(device).train(), tokenizer
 
 
+def resolve_rewards(cfg, device=None):
+    """The config's rewards (rewards.resolve), math_correctness when it names none."""
+    return rewards_lib.resolve(cfg.rewards, cfg.reward_functions or (None if cfg.rewards else ["math_correctness"]),
+                               cfg.reward_function_weights, device=device)
+
+
+def load_policy(cfg, device, amp_dtype, sharded=False):
+    """The model to train (with its LoRA adapters when use_lora) and its tokenizer. Full fine-tuning keeps
+    fp32 master weights under autocast; a frozen LoRA base is stored in bf16 when the run is bf16 (fp16 keeps
+    it in fp32: fp16 weights overflow too easily; FSDP too: a shard group holds one dtype), adapters in fp32."""
+    bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded
+    model, tokenizer = load_model(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32)
+    if cfg.use_lora:
+        lora.inject(model, lora_targets(cfg), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
+    return model, tokenizer
+
+
+def checked_prompt_cap(cfg, model):
+    """The prompt tokens kept (cut from the left): min(max_prompt_length, max_seq_length - max_completion_length),
+    checked against the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
+    if cap < cfg.max_prompt_length:
+        log(f"note: prompts are cut to {cap} tokens (max_seq_length {cfg.max_seq_length} - "
+            f"max_completion_length {cfg.max_completion_length}), below max_prompt_length={cfg.max_prompt_length}")
+    if cap < 1:
+        raise ValueError(f"max_seq_length={cfg.max_seq_length} leaves no room for prompts after "
+                         f"max_completion_length={cfg.max_completion_length}: raise max_seq_length")
+    if context and cap + cfg.max_completion_length > context:
+        raise ValueError(f"prompt ({cap}) + completion ({cfg.max_completion_length}) tokens exceed the "
+                         f"model's context of {context}: lower max_prompt_length or max_completion_length")
+    return cap
+
+
+def load_task(cfg, reward_fns, world=1):
+    """(train examples, held-out examples), checked against the rewards' columns and the batch size."""
+    train_set, eval_set = data.load_examples(
+        cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
+        eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples,
+        column_mapping=cfg.column_mapping, processing_fn=cfg.processing_fn, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    rewards_lib.check_columns(reward_fns, train_set[0].keys() if train_set else ())
+    if len(train_set) < cfg.batch_size * world:
+        raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
+                         f"x {world} process(es): lower batch_size or add data")
+    return train_set, eval_set
+
+
 def lora_targets(cfg):
     """lora_target_modules as inject takes it: 'all-linear' or a list ('q_proj,v_proj' is split)."""
     t = cfg.lora_target_modules
@@ -164,37 +211,13 @@ def setup(cfg, mirror=None, solo=False):
                                                   os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl"))):
         raise ValueError(f"output_dir={cfg.output_dir!r} holds an earlier run: continue it with --resume=latest, "
                          "or give a new output_dir")
-    reward_fns = rewards_lib.resolve(cfg.rewards, cfg.reward_functions or
-                                     (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights,
-                                     device=device)
-    # full fine-tuning keeps fp32 master weights under autocast; a frozen LoRA base is stored in bf16 when
-    # the run is bf16 (fp16 keeps it in fp32: fp16 weights overflow too easily), its adapters in fp32
+    reward_fns = resolve_rewards(cfg, device)
     sharded = cfg.distributed == "fsdp" and WORLD > 1
     if cfg.distributed == "fsdp" and WORLD == 1:
         log("note: distributed='fsdp' shards over torchrun's processes; this single process holds the whole model")
-    bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded  # a shard group holds one dtype
-    model, tokenizer = load_model(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32)
-    if cfg.use_lora:
-        lora.inject(model, lora_targets(cfg), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
-    context = getattr(model.config, "max_position_embeddings", None)
-    prompt_cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
-    if prompt_cap < cfg.max_prompt_length:
-        log(f"note: prompts are cut to {prompt_cap} tokens (max_seq_length {cfg.max_seq_length} - "
-            f"max_completion_length {cfg.max_completion_length}), below max_prompt_length={cfg.max_prompt_length}")
-    if prompt_cap < 1:
-        raise ValueError(f"max_seq_length={cfg.max_seq_length} leaves no room for prompts after "
-                         f"max_completion_length={cfg.max_completion_length}: raise max_seq_length")
-    if context and prompt_cap + cfg.max_completion_length > context:
-        raise ValueError(f"prompt ({prompt_cap}) + completion ({cfg.max_completion_length}) tokens exceed the "
-                         f"model's context of {context}: lower max_prompt_length or max_completion_length")
-    train_set, eval_set = data.load_examples(
-        cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
-        eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples, column_mapping=cfg.column_mapping,
-        processing_fn=cfg.processing_fn, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    rewards_lib.check_columns(reward_fns, train_set[0].keys() if train_set else ())
-    if len(train_set) < cfg.batch_size * WORLD:
-        raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
-                         f"x {WORLD} process(es): lower batch_size or add data")
+    model, tokenizer = load_policy(cfg, device, amp_dtype, sharded)
+    prompt_cap = checked_prompt_cap(cfg, model)
+    train_set, eval_set = load_task(cfg, reward_fns, WORLD)
     for ex in train_set + eval_set:
         ex["text"] = data.render_prompt(tokenizer, ex["prompt"], cfg.system_prompt, cfg.enable_thinking)
     if cfg.gradient_checkpointing:

@@ -246,29 +246,12 @@ def build_trainer(cfg, callbacks=(), **grpo_args):
     torch.manual_seed(cfg.seed)  # the LoRA initialisation, as the native loop seeds it
     device, amp_dtype = train.resolve_device(cfg)
     check(cfg, device)
-    reward_fns = rewards_lib.resolve(cfg.rewards, cfg.reward_functions or
-                                     (None if cfg.rewards else ["math_correctness"]), cfg.reward_function_weights,
-                                     device=device)
-    bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16
-    model, tokenizer = train.load_model(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32)
-    if cfg.use_lora:
-        lora.inject(model, train.lora_targets(cfg), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
-        if cfg.gradient_checkpointing:  # the frozen embeddings give no grad to checkpoint through otherwise
-            model.enable_input_require_grads()
-    prompt_cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if prompt_cap < 1 or context and prompt_cap + cfg.max_completion_length > context:
-        raise ValueError(f"prompt ({prompt_cap}) + completion ({cfg.max_completion_length}) tokens do not fit "
-                         f"max_seq_length={cfg.max_seq_length} and the model's context of {context}: lower "
-                         "max_completion_length or max_prompt_length")
-    train_set, eval_set = data.load_examples(
-        cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
-        eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples,
-        column_mapping=cfg.column_mapping, processing_fn=cfg.processing_fn, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    rewards_lib.check_columns(reward_fns, train_set[0].keys() if train_set else ())
-    if len(train_set) < cfg.batch_size:
-        raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size}: lower "
-                         "batch_size or add data")
+    reward_fns = train.resolve_rewards(cfg, device)
+    model, tokenizer = train.load_policy(cfg, device, amp_dtype)
+    if cfg.use_lora and cfg.gradient_checkpointing:  # the frozen embeddings give no grad to checkpoint through
+        model.enable_input_require_grads()
+    prompt_cap = train.checked_prompt_cap(cfg, model)
+    train_set, eval_set = train.load_task(cfg, reward_fns)
     originals = {}
 
     def dataset(examples):  # the rendered prompt as `prompt`; the reference and every other column as they are
