@@ -17,7 +17,8 @@ Rows (ratio = ours / peer, in the row's unit):
   step      train.train_step vs one optimizer step of TRL's GRPOTrainer (needs `pip install trl`):
             the same saved random Qwen3 and tokenizer, 8 prompts x 8 completions of exactly 32 or 128
             tokens, temperature 1, fp32, no reference model (divergence none / beta 0), loss grpo,
-            AdamW, the `length` reward; seconds per step.
+            AdamW, the `length` reward; seconds per step. Ours eager and with torch_compile=True (the
+            compile happens in the warmup and is reported, not timed).
   lora      train.train_step with LoRA (r 16 on q/k/v/o, the base as reference with adapters off) vs
             full fine-tuning (a frozen copy as reference), both ours with the neural_mirror
             regulariser: the `small` random Qwen3, 8 x 8 completions of exactly 32 tokens, fp32; on
@@ -317,6 +318,8 @@ def case_step(spec):
     elif spec["side"] in ("native", "backend_trl"):  # NMGRPO, full fine-tuning against a frozen copy
         one = {"native": step_ours, "backend_trl": step_backend_trl}[spec["side"]](
             folder, questions, spec["length"], out, divergence_type="neural_mirror")
+    elif spec["side"] == "compiled":  # the sampler's decode step and the loss kernel torch.compile'd
+        one = step_ours(folder, questions, spec["length"], out, torch_compile=True)
     else:
         one = {"ours": step_ours, "trl": step_trl}[spec["side"]](folder, questions, spec["length"], out)
 
@@ -429,9 +432,11 @@ def rows_step(full, repeats):
         return
     sizes = [(m, n) for m in ("tiny", "mid") for n in (32, 128)] if full else [("tiny", 32)]
     for model, length in sizes:
-        ours, trl_ = (measure(case="step", side=s, model=model, length=length, repeats=repeats) for s in ("ours", "trl"))
-        yield row("GRPO step vs TRL GRPOTrainer", f"{model}, 8 x 8 x {length} tok", "s/step", ours, trl_,
-                  lambda r: r["seconds"])
+        trl_ = measure(case="step", side="trl", model=model, length=length, repeats=repeats)
+        for side, name in (("ours", "GRPO step vs TRL GRPOTrainer"), ("compiled", "GRPO step compiled vs TRL GRPOTrainer")):
+            ours = measure(case="step", side=side, model=model, length=length, repeats=repeats)
+            extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" else ""
+            yield row(name + extra, f"{model}, 8 x 8 x {length} tok", "s/step", ours, trl_, lambda r: r["seconds"])
 
 
 def rows_lora(full, repeats):

@@ -5,15 +5,22 @@ prompt; then one token per step for all rows, each row stopping at EOS or max_ne
 Noise comes from a generator the caller seeds (seed, step, rank), a few uniforms per row per step;
 each becomes a token by inverse-CDF, so runs reproduce and no two rows share noise. Top-p needs no
 sort of the vocabulary: draws from the whole law are kept only inside the nucleus.
+
+Llama-family decoders (llama, qwen2, qwen3) decode through a short hand-written step over the model's
+own modules (so LoRA layers and FSDP's gathered weights are used as they are) and preallocated
+keys/values: no per-step cache concatenation, mask building or generic forward dispatch, which cost
+more than the matmuls at small shapes. Any other model decodes through its own forward.
 """
 import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
 EOS_CHECK_EVERY = 8  # decode steps between the host syncs that test whether every row has stopped
-CACHE_BUCKET = 64  # a static cache's length is rounded up to this, so a compiled step sees few shapes
+CACHE_BUCKET = 64  # a compiled step's cache length is rounded up to this, so it sees few shapes
+LEAN_TYPES = ("llama", "qwen2", "qwen3")  # model types _lean_decode reproduces
 _COMPILED, _FAILED = {}, set()
 
 
@@ -87,19 +94,62 @@ def _choose(logits, u, temperature, top_p, top_k, greedy, with_logp):
 
 
 def _decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp):
-    """One decode step: feed `token` (N,) at `pos` (N, 1), choose the next one; see _choose."""
+    """One decode step through the model's forward: feed `token` (N,) at `pos` (N, 1), choose the next one;
+    see _choose."""
     logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache,
                    use_cache=True).logits[:, -1]
     return _choose(logits, u, temperature, top_p, top_k, greedy, with_logp)
 
 
-def _compiled_decode():
-    """_decode through torch.compile (built once), or None after a failed compile."""
-    if _decode in _FAILED:
+def lean(model):
+    """Whether _lean_decode reproduces the model's forward: a Llama-family decoder with full attention in
+    every layer."""
+    inner = getattr(model, "model", None)
+    return (getattr(model.config, "model_type", None) in LEAN_TYPES and hasattr(model, "lm_head")
+            and hasattr(inner, "rotary_emb") and not getattr(model.config, "final_logit_softcapping", None)
+            and all(getattr(layer.self_attn, "sliding_window", None) is None for layer in inner.layers))
+
+
+def _rotate(x, cos, sin):
+    half = x.size(-1) // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp,
+                 at, length):
+    """One decode step of a Llama-family model (see lean) over preallocated keys/values: `token` (N,) at
+    `pos` (N, 1) is written to cache position `at` (1,), and attention reads positions [0, length).
+    cache: per layer (keys, values), each (N, kv heads, L, head dim); attention_mask: (N, L)."""
+    inner = model.model
+    x = inner.embed_tokens(token[:, None])  # (N, 1, C)
+    n = x.size(0)
+    cos, sin = (c[:, None] for c in inner.rotary_emb(x, pos))  # (N, 1, 1, D)
+    mask = attention_mask[:, None, None, :length].bool()  # (N, 1, 1, length)
+    for layer, (keys, values) in zip(inner.layers, cache):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(n, 1, -1, attn.head_dim)  # (N, 1, H, D)
+        k = attn.k_proj(h).view(n, 1, -1, attn.head_dim)  # (N, 1, Hkv, D)
+        if hasattr(attn, "q_norm"):  # qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)  # (N, H, 1, D)
+        keys.index_copy_(2, at, k.to(keys.dtype))
+        values.index_copy_(2, at, attn.v_proj(h).view(n, 1, -1, attn.head_dim).transpose(1, 2).to(values.dtype))
+        o = F.scaled_dot_product_attention(q.to(keys.dtype), keys[:, :, :length], values[:, :, :length],
+                                           attn_mask=mask, scale=attn.scaling, enable_gqa=True)  # (N, H, 1, D)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(n, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    logits = model.lm_head(inner.norm(x))[:, -1]  # (N, V)
+    return _choose(logits, u, temperature, top_p, top_k, greedy, with_logp)
+
+
+def _compiled(fn):
+    """fn through torch.compile (built once), or None after a failed compile."""
+    if fn in _FAILED:
         return None
-    if _decode not in _COMPILED:
-        _COMPILED[_decode] = torch.compile(_decode, dynamic=False, fullgraph=True)  # fails whole or runs whole
-    return _COMPILED[_decode]
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)  # fails whole or runs whole
+    return _COMPILED[fn]
 
 
 def _static_cache(model, prefill, num_samples, length):
@@ -110,10 +160,24 @@ def _static_cache(model, prefill, num_samples, length):
     return cache
 
 
+def _buffers(prefill, num_samples, length):
+    """Per layer (keys, values), each (N, kv heads, length, head dim): the prefill's repeated per sample, then
+    zeros for the positions to come."""
+    out = []
+    for layer in prefill.layers:
+        pair = []
+        for x in (layer.keys, layer.values):
+            buf = x.new_zeros(x.size(0) * num_samples, x.size(1), length, x.size(3))
+            buf[:, :, : x.size(2)] = x.repeat_interleave(num_samples, 0)
+            pair.append(buf)
+        out.append(tuple(pair))
+    return out
+
+
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pad_token_id,
            num_samples=1, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None,
-           return_logprobs=False, static_cache=False, compile=False, noise_rows=None):
+           return_logprobs=False, compile=False, noise_rows=None):
     """Sample `num_samples` completions for each of B left-padded prompts.
 
     input_ids, attention_mask: (B, P). Returns completion ids and mask, both (B*num_samples, T) with
@@ -122,9 +186,9 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     also the (N, T) float32 log-prob of each drawn token under softmax(logits / temperature), the
     quantity the learner recomputes.
 
-    static_cache preallocates the keys/values (no per-step concatenation); compile (implies
-    static_cache) runs each fixed-shape decode step torch.compile'd, eagerly if compiling fails.
-    Neither changes the law; the tokens agree up to rounding in the compiled kernels.
+    compile runs each decode step torch.compile'd at a fixed shape (a preallocated cache, attention over
+    all of it), eagerly if compiling fails. It does not change the law; the tokens agree up to rounding
+    in the compiled kernels.
     noise_rows=(offset, total): each step draws (total, K) uniforms and these rows take rows offset ...
     offset + N of them, so that processes that share one generator seed and split one batch draw what a
     single process would (train.py under torchrun); default (0, N).
@@ -139,14 +203,19 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
     attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)  # (N, P)
     pos = positions(attention_mask)[:, -1:]  # (N, 1)
-    step = _compiled_decode() if compile else None
-    if compile or static_cache:
-        length = -(-(p + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    fast = lean(model)
+    fn = _lean_decode if fast else _decode
+    step = _compiled(fn) if compile else None
+    length = -(-(p + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET if compile else p + max_new_tokens
+    if fast:
+        cache = _buffers(prefill, num_samples, length)
+    elif compile:
         cache = _static_cache(model, prefill, num_samples, length)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(n, length - p)], dim=1)  # (N, L)
     else:
         cache = prefill
         cache.batch_repeat_interleave(num_samples)
+    if cache is not prefill:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(n, length - p)], dim=1)  # (N, L)
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
     logps = torch.zeros((n, max_new_tokens), device=dev) if return_logprobs else None
     done = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -171,15 +240,17 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
             attention_mask[:, p + t] = 1  # the position `token` is written to
         pos = pos + 1
         args = (model, token, attention_mask, pos, cache, noise(), temperature, top_p, top_k, greedy, return_logprobs)
+        if fast:  # where `token` goes, and how far attention reads (all of a compiled step's fixed-size cache)
+            args += (torch.tensor([p + t], device=dev), length if compile else p + t + 1)
         if step is not None:
             try:
                 token, logp = step(*args)
                 continue
             except Exception as e:  # no compiler, unsupported backend, ...
-                _FAILED.add(_decode)
+                _FAILED.add(fn)
                 step = None
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eagerly")
-        token, logp = _decode(*args)
+        token, logp = fn(*args)
     tokens = tokens[:, : t + 1]  # (N, T)
     mask = completion_mask(tokens, eos)
     if return_logprobs:

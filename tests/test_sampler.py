@@ -167,26 +167,81 @@ def test_never_calls_generate(flat_model, enc, tokenizer, monkeypatch):
     assert ids.shape == mask.shape == (2 * len(PROMPTS), 8)
 
 
-# ------------------------------------------------------------------------------------------ static cache, compile
+# ------------------------------------------------------------------------------------------ lean decode, compile
+
+def other_family(kind, tokenizer):
+    """A random tiny llama or qwen2 (untied head, biased projections for qwen2), scaled up so that its
+    next-token laws are far from uniform."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    return model
+
+
+def through_forward(monkeypatch, fn):
+    """fn() with the sampler decoding through the model's own forward instead of the lean step."""
+    with monkeypatch.context() as m:
+        m.setattr(sampler, "lean", lambda model: False)
+        return fn()
+
 
 @pytest.mark.parametrize("kw", [dict(num_samples=3, top_p=0.9), dict(num_samples=2, top_k=20, temperature=0.7),
                                 dict(greedy=True)])
-def test_static_cache_gives_the_same_samples(flat_model, peaked_model, enc, tokenizer, kw):
+def test_lean_decode_gives_the_samples_of_the_model_forward(flat_model, peaked_model, enc, tokenizer, kw,
+                                                            monkeypatch):
     model = peaked_model if kw.get("greedy") else flat_model
+    assert sampler.lean(model)
     eos = [tokenizer.eos_token_id, 5, 9]  # frequent stops: rows end at different steps
     if kw.get("greedy"):  # stop where row 0 of the greedy trajectory is at step 3
         eos.append(run(model, enc, tokenizer, greedy=True, max_new_tokens=4)[0][0, 3].item())
-    out = [run(model, enc, tokenizer, eos=eos, generator=torch.Generator().manual_seed(0), return_logprobs=True,
-               max_new_tokens=20, static_cache=static, **kw) for static in (False, True)]
-    dynamic, static = out
-    assert dynamic[1].sum(1).min() < dynamic[1].size(1)  # some rows stopped early
-    assert torch.equal(static[0], dynamic[0]) and torch.equal(static[1], dynamic[1])
-    torch.testing.assert_close(static[2], dynamic[2], atol=1e-5, rtol=1e-5)
+
+    def go():
+        return run(model, enc, tokenizer, eos=eos, generator=torch.Generator().manual_seed(0), return_logprobs=True,
+                   max_new_tokens=20, **kw)
+    fast, slow = go(), through_forward(monkeypatch, go)
+    assert slow[1].sum(1).min() < slow[1].size(1)  # some rows stopped early
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    torch.testing.assert_close(fast[2], slow[2], atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_decode_equals_eager(flat_model, enc, tokenizer):
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_lean_decode_matches_other_llama_family_models(kind, enc, tokenizer, monkeypatch):
+    model = other_family(kind, tokenizer)
+    assert sampler.lean(model)
+
+    def go():
+        return run(model, enc, tokenizer, generator=torch.Generator().manual_seed(0), return_logprobs=True,
+                   num_samples=2, top_p=0.95, max_new_tokens=16)
+    fast, slow = go(), through_forward(monkeypatch, go)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    torch.testing.assert_close(fast[2], slow[2], atol=1e-5, rtol=1e-5)
+
+
+def test_lean_decode_is_only_taken_where_it_reproduces_the_model(flat_model, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    windowed = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                            use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    assert sampler.lean(flat_model) and not sampler.lean(gpt2) and not sampler.lean(windowed)
+    ids = torch.randint(1, 64, (2, 5))
+    out = sampler.sample(gpt2.eval(), ids, torch.ones_like(ids), max_new_tokens=4, eos_token_id=0, pad_token_id=0,
+                         generator=torch.Generator().manual_seed(0))
+    assert out[0].shape == (2, 4)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_compiled_decode_equals_eager(flat_model, enc, tokenizer, fast, monkeypatch):
+    monkeypatch.setattr(sampler, "lean", lambda model: fast)
     kw = dict(num_samples=2, top_p=0.9, max_new_tokens=4, return_logprobs=True)
-    eager = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), static_cache=True, **kw)
+    eager = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), **kw)
     compiled = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), compile=True, **kw)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
     torch.testing.assert_close(compiled[2], eager[2], atol=1e-5, rtol=1e-5)
