@@ -75,7 +75,7 @@ class Config:
     logprob_chunk_size: int = _f(1024, "tokens per chunk of the log-prob kernel (memory is chunk x vocab)", "training")
     fused_loss: bool = _f(True, "evaluate the per-token loss inside the chunked lm_head pass (logits computed once); False: log-probs, then the loss through autograd", "training")
     distributed: str = _f("ddp", "with torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (torch's fully_shard: parameters, gradients and optimizer state sharded, sharded checkpoints)", "training")
-    torch_compile: bool = _f(False, "torch.compile the sampler's decode step (static KV cache) and the log-prob kernel's softmax math: one-off compile cost, eager if it fails", "training")
+    torch_compile: bool = _f(False, "torch.compile the sampler's decode step (a fixed-size KV cache) and the log-prob kernel's softmax math: one-off compile cost, eager if it fails", "training")
     # GRPO
     epsilon: float = _f(0.2, "clip range of the ratio", "grpo")
     epsilon_low: Optional[float] = _f(None, "lower clip range (default: epsilon)", "grpo")

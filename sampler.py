@@ -163,15 +163,11 @@ def _static_cache(model, prefill, num_samples, length):
 def _buffers(prefill, num_samples, length):
     """Per layer (keys, values), each (N, kv heads, length, head dim): the prefill's repeated per sample, then
     zeros for the positions to come."""
-    out = []
-    for layer in prefill.layers:
-        pair = []
-        for x in (layer.keys, layer.values):
-            buf = x.new_zeros(x.size(0) * num_samples, x.size(1), length, x.size(3))
-            buf[:, :, : x.size(2)] = x.repeat_interleave(num_samples, 0)
-            pair.append(buf)
-        out.append(tuple(pair))
-    return out
+    def grow(x):  # (B, kv heads, P, head dim)
+        buf = x.new_zeros(x.size(0) * num_samples, x.size(1), length, x.size(3))
+        buf[:, :, : x.size(2)] = x.repeat_interleave(num_samples, 0)
+        return buf
+    return [(grow(layer.keys), grow(layer.values)) for layer in prefill.layers]
 
 
 @torch.no_grad()
