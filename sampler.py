@@ -12,6 +12,7 @@ keys/values: no per-step cache concatenation, mask building or generic forward d
 more than the matmuls at small shapes. Any other model decodes through its own forward.
 """
 import math
+import sys
 import warnings
 
 import torch
@@ -106,13 +107,8 @@ def lean(model):
     every layer."""
     inner = getattr(model, "model", None)
     return (getattr(model.config, "model_type", None) in LEAN_TYPES and hasattr(model, "lm_head")
-            and hasattr(inner, "rotary_emb") and not getattr(model.config, "final_logit_softcapping", None)
+            and hasattr(inner, "rotary_emb")
             and all(getattr(layer.self_attn, "sliding_window", None) is None for layer in inner.layers))
-
-
-def _rotate(x, cos, sin):
-    half = x.size(-1) // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp,
@@ -123,8 +119,9 @@ def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p
     inner = model.model
     x = inner.embed_tokens(token[:, None])  # (N, 1, C)
     n = x.size(0)
-    cos, sin = (c[:, None] for c in inner.rotary_emb(x, pos))  # (N, 1, 1, D)
+    cos, sin = inner.rotary_emb(x, pos)  # (N, 1, D)
     mask = attention_mask[:, None, None, :length].bool()  # (N, 1, 1, length)
+    rope = sys.modules[type(inner.layers[0].self_attn).__module__].apply_rotary_pos_emb  # the model's own
     for layer, (keys, values) in zip(inner.layers, cache):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
@@ -132,7 +129,7 @@ def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p
         k = attn.k_proj(h).view(n, 1, -1, attn.head_dim)  # (N, 1, Hkv, D)
         if hasattr(attn, "q_norm"):  # qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)  # (N, H, 1, D)
+        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (N, H, 1, D), (N, Hkv, 1, D)
         keys.index_copy_(2, at, k.to(keys.dtype))
         values.index_copy_(2, at, attn.v_proj(h).view(n, 1, -1, attn.head_dim).transpose(1, 2).to(values.dtype))
         o = F.scaled_dot_product_attention(q.to(keys.dtype), keys[:, :, :length], values[:, :, :length],
@@ -216,6 +213,7 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     logps = torch.zeros((n, max_new_tokens), device=dev) if return_logprobs else None
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     k = draws_per_row(top_p)
+    where = torch.arange(p, p + max_new_tokens, device=dev)  # cache positions of the decoded tokens
 
     first, total = noise_rows or (0, n)
 
@@ -237,7 +235,7 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
         pos = pos + 1
         args = (model, token, attention_mask, pos, cache, noise(), temperature, top_p, top_k, greedy, return_logprobs)
         if fast:  # where `token` goes, and how far attention reads (all of a compiled step's fixed-size cache)
-            args += (torch.tensor([p + t], device=dev), length if compile else p + t + 1)
+            args += (where[t : t + 1], length if compile else p + t + 1)
         if step is not None:
             try:
                 token, logp = step(*args)
