@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-import rewards
-from rewards import REWARDS, resolve, score
+import rewards_text
+from registry import SPECS
+from rewards import ALIASES, resolve, score
 
 NAMES = """math_correctness math_reasoning logical_consistency causal_reasoning counterfactual_reasoning code_syntax
 code_quality code_execution code_completeness code_correctness coherence fluency readability engagement conciseness
@@ -16,17 +17,16 @@ length diversity""".split()
 
 
 def R(name, text, reference=None, **kw):
-    return REWARDS[name](text, reference, **kw)
+    return SPECS[name].fn(text, reference, **kw)
 
 
 def test_every_documented_name_is_registered_with_a_summary():
     for name in NAMES:
-        assert name in REWARDS, name
-        doc = REWARDS[name].__doc__
+        assert name in SPECS, name
+        doc = SPECS[name].fn.__doc__
         assert doc and doc.strip().split("\n")[0].strip(), name
-        low, high, _ = rewards.INFO[name]
-        assert low < high
-    assert rewards.ALIASES == {"math": "math_reasoning", "code": "code_quality"}
+        assert SPECS[name].low < SPECS[name].high
+    assert ALIASES == {"math": "math_reasoning", "code": "code_quality"}
     assert [r.name for r in resolve(reward_functions=["math", "code"])] == ["math_reasoning", "code_quality"]
 
 
@@ -270,10 +270,10 @@ def test_custom_type_with_a_callable_or_an_import_string():
 def test_every_registered_reward_stays_in_its_range_on_varied_text():
     texts = ["", "ok", "The answer is 42. Because 6 * 7 = 42, we are done!", "word " * 400,
              "I can't help. Stupid! All men are lazy.", "```python\ndef f(x):\n    return x\n```"]
-    cheap = [n for n in REWARDS if not (rewards.INFO[n][2] or "").startswith("model")  # models: test_model_rewards
+    cheap = [n for n in SPECS if not (SPECS[n].extra or "").startswith("model")  # models: test_model_rewards
              and n not in ("meteor", "code_execution", "code_correctness")]  # wordnet data; the sandbox
     for name in cheap:
-        low, high, _ = rewards.INFO[name]
+        low, high = SPECS[name].low, SPECS[name].high
         for t in texts:
             v = R(name, t, "42", prompt="What is 6 * 7? Answer in at most 10 words.")
             assert low <= v <= high, (name, t, v)
@@ -293,12 +293,14 @@ def test_review_cases_contractions_names_quotes_and_lists():
     assert R("instruction_following", "a, b", instruction="Do not use any commas.") == 0.0
 
 
-def test_arithmetic_check_is_linear_on_long_digit_runs():
-    import time
-    t0 = time.perf_counter()
-    R("financial_accuracy", "1" * 20000)
-    R("financial_accuracy", "1," * 10000 + "x")
-    assert time.perf_counter() - t0 < 2.0  # quadratic backtracking took over 10 s
+def test_arithmetic_check_on_long_digit_runs():
+    # an amount starts only where no digit, comma or point precedes it, and has at most 21 digits and commas: a run of
+    # digits or commas holds no computation (an unanchored pattern backtracked quadratically over one)
+    assert R("financial_accuracy", "1" * 20000) == 0.0
+    assert R("financial_accuracy", "1," * 10000 + "x") == 0.0
+    assert rewards_text._arithmetic("1" * 20000) is None
+    assert rewards_text._arithmetic("1" * 30 + " * 2 = 4") is None  # no amount starts inside the run
+    assert rewards_text._arithmetic("1" * 20000 + " 12 * 2 = 24") == 1.0  # one after it still counts
 
 
 def test_list_references_score_against_each():

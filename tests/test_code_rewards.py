@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-import rewards
-from rewards import (code_completeness, code_correctness, code_execution, code_quality, code_syntax, extract_code,
-                     resolve, score)
+import rewards_code
+import sandbox as sandbox_lib
+from registry import SPECS
+from rewards import resolve, score
+from rewards_code import code_completeness, code_correctness, code_execution, code_quality, code_syntax, extract_code
 
 TIMEOUT = 2.0
 ADD = "def add(a, b):\n    return a + b\n"
@@ -35,7 +37,7 @@ NOBODY_PYTHON = nobody_python()
 
 
 @pytest.fixture(params=[
-    pytest.param("namespace", marks=pytest.mark.skipif(not rewards._works("namespace"),
+    pytest.param("namespace", marks=pytest.mark.skipif(not sandbox_lib._works("namespace"),
                                                         reason="no unprivileged user namespaces here")),
     "process",
     pytest.param("nobody", marks=pytest.mark.skipif(NOBODY_PYTHON is None,
@@ -46,9 +48,9 @@ def sandbox(request, monkeypatch):
         yield request.param
         return
     monkeypatch.setattr(sys, "executable", NOBODY_PYTHON)
-    rewards._works.cache_clear()
+    sandbox_lib._works.cache_clear()
     yield "process"
-    rewards._works.cache_clear()
+    sandbox_lib._works.cache_clear()
 
 
 # --- extraction and static rewards
@@ -110,7 +112,7 @@ def test_correctness_scores_mbpp_and_stdin_cases(sandbox):
     cases = {"test_cases": [{"input": "abc\n", "expected_output": "cba\n"}, {"input": "xy", "expected_output": "xy"}]}
     texts = [f"```python\n{ADD}```", half, "```python\ndef add(a, b):\n```", reverse, "no code here"]
     rows = [MBPP, MBPP, MBPP, cases, MBPP]
-    assert rewards._correctness_batch(texts, [None] * 5, rows, **p) == [1.0, 0.5, 0.0, 0.5, 0.0]
+    assert rewards_code._correctness_batch(texts, [None] * 5, rows, **p) == [1.0, 0.5, 0.0, 0.5, 0.0]
     setup = {"test_list": ["assert area(2) == pytest_approx(4 * pi)"], "test_imports": ["from math import pi"],
              "test_setup_code": "pytest_approx = lambda x: round(x, 6)"}
     assert code_correctness("def area(r):\n    return round(pi * r * r, 6)\n", **setup, **p) == 1.0
@@ -129,7 +131,7 @@ def test_execution(sandbox):
     echo = {"test_cases": [{"input": "hi\n", "expected_output": "hi"}]}
     texts = [ADD, "raise ValueError('bad')", "print(input())", "print(input())", ""]
     rows = [{}, {}, echo, {}, {}]  # the last input() meets an empty stdin
-    assert rewards._execution_batch(texts, [None] * 5, rows, **p) == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert rewards_code._execution_batch(texts, [None] * 5, rows, **p) == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert code_execution(ADD, **p) == 1.0
 
 
@@ -249,10 +251,8 @@ def test_hostile_code_scores_zero_and_harms_nothing(sandbox, tmp_path, monkeypat
     before = set(os.listdir(tempfile.gettempdir()))
     p = {"timeout": TIMEOUT, "sandbox": sandbox, "max_workers": len(texts)}
     table = {}
-    for batch, row in ((rewards._correctness_batch, MBPP), (rewards._execution_batch, {})):
-        start = time.monotonic()
+    for batch, row in ((rewards_code._correctness_batch, MBPP), (rewards_code._execution_batch, {})):
         table[batch.__name__] = dict(zip(names, batch(texts, [None] * len(texts), [row] * len(texts), **p)))
-        assert time.monotonic() - start < TIMEOUT * 2 + 10
     assert all(v == 0.0 for scores in table.values() for v in scores.values()), table
     assert os.listdir(tmp_path) == []  # nothing written outside
     with pytest.raises(BlockingIOError):
@@ -292,11 +292,11 @@ def add(a, b):
     return a + b if a == 1 else 0
 """
     rows = [{"test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(2, 3) == 5"]}]
-    scores = rewards._correctness_batch([hijack], [None], rows, timeout=TIMEOUT, sandbox=sandbox)
+    scores = rewards_code._correctness_batch([hijack], [None], rows, timeout=TIMEOUT, sandbox=sandbox)
     assert scores == [pytest.approx(1 / 3)]  # the replayed pass is real; no guess counts
 
 
-@pytest.mark.skipif(not rewards._works("namespace"), reason="no unprivileged user namespaces here")
+@pytest.mark.skipif(not sandbox_lib._works("namespace"), reason="no unprivileged user namespaces here")
 def test_namespaces_hold_without_the_audit_hook(tmp_path):
     """The namespace layer alone (a plain python in place of the runner): no network, read-only mounts, no parent."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -313,7 +313,7 @@ print(attempt(lambda: socket.create_connection(('127.0.0.1', {listener.getsockna
       attempt(lambda: os.kill({os.getpid()}, 0)), os.getpid(), os.getppid())
 """
     with tempfile.TemporaryDirectory() as tmp:
-        command = rewards._command(os.path.realpath(tmp), "namespace", 64)[:-1] + [probe]
+        command = sandbox_lib._command(os.path.realpath(tmp), "namespace", 64)[:-1] + [probe]
         out = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=30).stdout
     assert out.split() == ["no", "no", "yes", "no", "1", "0"]  # network, outside, inside, this process; pid 1
     assert os.listdir(tmp_path) == []
@@ -364,43 +364,44 @@ def test_each_layer_holds(sandbox):
     device = next((d for d in ("/dev/full", "/dev/tty", "/dev/ptmx")
                    if os.path.exists(d) and stat.S_ISCHR(os.stat(d).st_mode)), None)
     layers = {n: t for n, t in LAYERS.items() if device or n != "a device"}
-    if rewards._kind(sandbox) == "nobody":  # the process sandbox of a root trainer
+    if sandbox_lib._kind(sandbox) == "nobody":  # the process sandbox of a root trainer
         layers["uid 65534"] = "assert (os.getuid(), os.getgid(), os.getgroups()) == (65534, 65534, [])"
     code = LAYERS_CODE + f"DEVICE = {device!r}\n"
-    scores = rewards._correctness_batch([code] * len(layers), [None] * len(layers),
-                                        [{"test_list": [t]} for t in layers.values()], timeout=TIMEOUT,
-                                        sandbox=sandbox, max_workers=len(layers))
+    scores = rewards_code._correctness_batch([code] * len(layers), [None] * len(layers),
+                                             [{"test_list": [t]} for t in layers.values()], timeout=TIMEOUT,
+                                             sandbox=sandbox, max_workers=len(layers))
     assert dict(zip(layers, scores)) == dict.fromkeys(layers, 1.0)
 
 
 def test_auto_warns_once_when_it_falls_back_to_the_process_sandbox(monkeypatch, caplog):
-    rewards._warn.cache_clear()
-    monkeypatch.setattr(rewards, "_works", lambda kind: False)
+    sandbox_lib._warn.cache_clear()
+    monkeypatch.setattr(sandbox_lib, "_works", lambda kind: False)
     try:
-        with caplog.at_level(logging.WARNING, logger="rewards"):
-            rewards._check_sandbox(sandbox="process")
+        with caplog.at_level(logging.WARNING, logger="sandbox"):
+            sandbox_lib.check(sandbox="process")
             assert not [r for r in caplog.records if "falls back" in r.getMessage()]
             for _ in range(2):
-                rewards._check_sandbox(sandbox="auto")
+                sandbox_lib.check(sandbox="auto")
         assert len([r for r in caplog.records if "falls back to the weaker process sandbox" in r.getMessage()]) == 1
-        assert rewards._kind("auto") == "process"
+        assert sandbox_lib._kind("auto") == "process"
         assert any("runs code as root" in r.getMessage() for r in caplog.records) == (os.geteuid() == 0)
-        monkeypatch.setattr(rewards, "_works", lambda kind: kind == "nobody")
-        assert rewards._kind("auto") == rewards._kind("process") == ("nobody" if os.geteuid() == 0 else "process")
+        monkeypatch.setattr(sandbox_lib, "_works", lambda kind: kind == "nobody")
+        kind = "nobody" if os.geteuid() == 0 else "process"
+        assert sandbox_lib._kind("auto") == sandbox_lib._kind("process") == kind
     finally:
-        rewards._warn.cache_clear()
+        sandbox_lib._warn.cache_clear()
 
 
 def test_code_runners_need_linux():
-    assert rewards.INFO["code_execution"][2] == rewards.INFO["code_correctness"][2] == "Linux"
+    assert SPECS["code_execution"].extra == SPECS["code_correctness"].extra == "Linux"
 
 
 # a stand-in trainer: one run of code that sleeps; the test kills it with SIGKILL
 TRAINER = """
 import sys
-import rewards
+import sandbox
 sys.executable = sys.argv[2]
-rewards._sandbox({"mode": "run", "code": "import time\\ntime.sleep(60)", "stdin": ""}, 60.0, 256, sys.argv[1])
+sandbox.run({"mode": "run", "code": "import time\\ntime.sleep(60)", "stdin": ""}, 60.0, 256, sys.argv[1])
 """
 
 
@@ -431,8 +432,8 @@ def family(pid):
 def test_children_die_with_the_trainer(sandbox, tmp_path):
     tmp_path.chmod(0o755)  # for uid 65534
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    root = os.path.dirname(os.path.abspath(rewards.__file__))
-    trainer = subprocess.Popen([PYTHON, "-c", TRAINER, rewards._kind(sandbox), sys.executable], cwd=root, env=env)
+    root = os.path.dirname(os.path.abspath(sandbox_lib.__file__))
+    trainer = subprocess.Popen([PYTHON, "-c", TRAINER, sandbox_lib._kind(sandbox), sys.executable], cwd=root, env=env)
     deadline = time.monotonic() + 20
     while sys.executable not in family(trainer.pid).values():  # the runner has started
         assert time.monotonic() < deadline and trainer.poll() is None
@@ -445,28 +446,33 @@ def test_children_die_with_the_trainer(sandbox, tmp_path):
         time.sleep(0.05)
 
 
+# a child that reads its job only after 5 s, then reports a signed "done": a run that outlived its 1 s timeout
+# would return (True, 0)
+LATE = ("import hashlib, json, sys, time\ntime.sleep(5)\n"
+        "key = bytes.fromhex(json.loads(sys.stdin.buffer.read())['key'])\n"
+        "print(hashlib.blake2b(b'done', key=key, digest_size=16).hexdigest())")
+
+
 def test_a_child_that_never_reads_its_job_times_out(monkeypatch):
-    monkeypatch.setattr(rewards, "_command", lambda tmp, kind, memory_mb: ["sleep", "60"])
-    start = time.monotonic()
-    assert rewards._sandbox({"mode": "run", "code": "", "stdin": "x" * (1 << 20)}, 1.0, 256, "process") == (False, 0)
-    assert time.monotonic() - start < 10
+    monkeypatch.setattr(sandbox_lib, "_command", lambda tmp, kind, memory_mb: [sys.executable, "-c", LATE])
+    assert sandbox_lib.run({"mode": "run", "code": "", "stdin": "x" * (1 << 20)}, 1.0, 256, "process") == (False, 0)
 
 
 def test_tests_must_be_asserts_and_test_cases_may_be_json():
-    assert rewards._tests({"test_cases": '[{"input": "1 2", "output": "3"}, "assert add(1, 2) == 3"]'}) == [
+    assert rewards_code._tests({"test_cases": '[{"input": "1 2", "output": "3"}, "assert add(1, 2) == 3"]'}) == [
         {"input": "1 2", "output": "3"}, {"assert": "assert add(1, 2) == 3"}]
     two_lines = "x = add(1, 2)\nassert x == 3"
-    assert rewards._tests({"test_list": [two_lines]}) == [{"assert": two_lines}]
+    assert rewards_code._tests({"test_list": [two_lines]}) == [{"assert": two_lines}]
     for row, match in (({"test_list": ["add(1, 2) == 3"]}, r"test_list .*'add\(1, 2\) == 3'"),
                        ({"test_list": ["print(add(1, 2))"]}, "test_list .*assert"),
                        ({"test_cases": ["assert add(1, 2) =="]}, "test_cases .*assert"),
                        ({"test_cases": "assert add(1, 2) == 3"}, "test_cases is a string, but not the JSON"),
                        ({"test_cases": "3"}, "test_cases is a string, but not the JSON")):
         with pytest.raises(ValueError, match=match):
-            rewards._tests(row)
+            rewards_code._tests(row)
     wrong, right = "def add(a, b):\n    return 0\n", "a, b = map(int, input().split())\nprint(a + b)\n"
     cases = {"test_cases": '[{"input": "1 2", "output": "3"}]'}
-    assert rewards._correctness_batch([wrong, right], [None] * 2, [cases] * 2, timeout=TIMEOUT) == [0.0, 1.0]
+    assert rewards_code._correctness_batch([wrong, right], [None] * 2, [cases] * 2, timeout=TIMEOUT) == [0.0, 1.0]
 
 
 def test_asserts_see_the_builtins_of_before_the_code():
@@ -476,4 +482,4 @@ def test_asserts_see_the_builtins_of_before_the_code():
     rows = [{"test_list": ["assert set(similar((3, 4), (4, 5))) == set((4,))"]},
             {"test_list": ["assert sorted(f(1)) == [1]"]},
             {"test_list": ["assert total([1, 2]) == 2", "assert sum([1, 2]) == 3"]}]
-    assert rewards._correctness_batch([shadow, patch, own], [None] * 3, rows, timeout=TIMEOUT) == [0.0, 0.0, 1.0]
+    assert rewards_code._correctness_batch([shadow, patch, own], [None] * 3, rows, timeout=TIMEOUT) == [0.0, 0.0, 1.0]

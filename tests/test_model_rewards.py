@@ -7,8 +7,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel,
                           PreTrainedTokenizerFast)
 
-import rewards
-from rewards import bertscore, resolve, safety, score, semantic_similarity, toxicity
+import rewards_models
+from rewards import resolve, score
+from rewards_models import bertscore, safety, semantic_similarity, toxicity
 
 WORDS = "the a cat dog sat ran on in mat park you are an idiot nice day i will hurt kind".split()
 TOXIC_BERT = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
@@ -99,10 +100,10 @@ def test_bertscore_is_greedy_cosine_f1_without_special_tokens(encoder):
 
 
 def test_bertscore_layer():
-    assert rewards._layer("roberta-large", None, 24) == 17
-    assert rewards._layer("FacebookAI/roberta-large", None, 24) == 17
-    assert rewards._layer("/models/my-encoder", None, 6) == 6
-    assert rewards._layer("roberta-large", 3, 24) == 3
+    assert rewards_models._layer("roberta-large", None, 24) == 17
+    assert rewards_models._layer("FacebookAI/roberta-large", None, 24) == 17
+    assert rewards_models._layer("/models/my-encoder", None, 6) == 6
+    assert rewards_models._layer("roberta-large", 3, 24) == 3
 
 
 def test_semantic_similarity(encoder):
@@ -160,19 +161,19 @@ def test_label_reading(labels, overall, want):
     id2label = dict(enumerate(labels))
     if want is ValueError:
         with pytest.raises(ValueError, match=r"no label of 'm' names a harmful class.*toxic_labels"):
-            rewards._harmful_ids("m", id2label, None, True)
+            rewards_models._harmful_ids("m", id2label, None, True)
     else:
-        assert [labels[i] for i in rewards._harmful_ids("m", id2label, None, overall)] == want
+        assert [labels[i] for i in rewards_models._harmful_ids("m", id2label, None, overall)] == want
 
 
 def test_toxic_labels_param():
     id2label = {0: "LABEL_0", 1: "LABEL_1"}
-    assert rewards._harmful_ids("m", id2label, ["LABEL_1"], True) == [1]
-    assert rewards._harmful_ids("m", id2label, "LABEL_0", False) == [0]
+    assert rewards_models._harmful_ids("m", id2label, ["LABEL_1"], True) == [1]
+    assert rewards_models._harmful_ids("m", id2label, "LABEL_0", False) == [0]
     with pytest.raises(ValueError, match="'LABEL_0', 'LABEL_1'"):
-        rewards._harmful_ids("m", id2label, ["toxic"], True)
+        rewards_models._harmful_ids("m", id2label, ["toxic"], True)
     with pytest.raises(ValueError, match="toxic_labels must be"):
-        rewards._harmful_ids("m", id2label, 1, True)
+        rewards_models._harmful_ids("m", id2label, 1, True)
 
 
 def test_unnamed_labels_fail_at_resolve(tmp_path):
@@ -208,4 +209,4 @@ def test_resolve_fills_device(encoder, multi):
     rs = resolve(rewards=[{"type": "semantic_similarity", "params": {"model_name": encoder}},
                           {"type": "toxicity", "params": {"model_name": multi, "device": "cpu"}}], device="cpu")
     assert [r.params["device"] for r in rs] == ["cpu", "cpu"]
-    assert (encoder, "cpu", False) in rewards._MODELS
+    assert (encoder, "cpu", False) in rewards_models._MODELS

@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+import registry
 import rewards
 from rewards import (ALIASES, Reward, extract_answer, length, math_correctness, math_equal, parse_number, register,
                      resolve, score)
@@ -112,7 +113,7 @@ def test_math_correctness():
     assert math_correctness("I give up.", "6") == 0.0
     assert math_correctness("#### 6.0000001", "6", tolerance=1e-6, test_list=["x"], context="c") == 1.0
     with pytest.raises(ValueError, match="tolerance"):
-        math_correctness("#### 6", "6", tolerance=-1)
+        resolve(rewards=[{"type": "math_correctness", "params": {"tolerance": -1}}])
 
 
 def words(n):
@@ -156,9 +157,9 @@ def test_length_counts_chars_and_ignores_row_columns():
     (dict(target_length=10, unit="word"), "did you mean 'words'"),
 ])
 def test_length_validation(params, message):
-    with pytest.raises(ValueError, match=message):
-        length("some text", **params)
-    with pytest.raises(ValueError, match=message):  # eagerly, at resolve time
+    with pytest.raises(ValueError, match=message):  # the check register() recorded
+        registry.SPECS["length"].check(**params)
+    with pytest.raises(ValueError, match=message):  # run once, at resolve time
         resolve(rewards=[{"type": "length", "params": params}])
 
 
@@ -240,8 +241,7 @@ def test_custom_callable_without_kwargs_gets_only_its_columns():
 
 
 def test_register_new_reward(monkeypatch):
-    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))
-    monkeypatch.setattr(rewards, "CHECKS", dict(rewards.CHECKS))
+    monkeypatch.setattr(registry, "SPECS", dict(registry.SPECS))
 
     def check(scale=1.0):
         if scale <= 0:

@@ -1,0 +1,237 @@
+"""What train.py, es.py and trl_backend.py all need: processes, stop signals, the one log path, files, did-you-mean.
+
+The one leaf every file may import: it imports nothing of ours (and torch only where a function needs it).
+"""
+import contextlib
+import datetime
+import difflib
+import importlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import warnings
+
+from tqdm import tqdm
+
+log = logging.getLogger("nmgrpo")  # the one console path: log.info, log.warning
+
+
+def did_you_mean(name, options):
+    """' (did you mean 'X'?)' for the option closest to name, or ''."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def callable_from(value, what):
+    """value when it is callable, else the function a 'module:function' string names; a ValueError that names
+    `what` (the setting) otherwise."""
+    if isinstance(value, str) and ":" in value:
+        module, _, name = value.partition(":")
+        try:
+            value = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"{what}={value!r} cannot be imported ({e}): give a callable or a 'module:function' "
+                             "string on the path") from None
+    if not callable(value):
+        raise ValueError(f"{what}={value!r} is not callable: give a callable or a 'module:function' string")
+    return value
+
+
+_COMPILED, _FAILED = {}, set()  # fn -> its torch.compile'd twin; fns whose compile failed
+
+
+def compiled_call(fn, enabled, *args, **options):
+    """fn(*args), through its torch.compile'd twin (built once with `options`) when enabled; after a failed compile
+    fn runs eagerly for good, with one warning. The one place where anything is compiled."""
+    if enabled and fn not in _FAILED:
+        import torch
+        try:
+            if fn not in _COMPILED:
+                _COMPILED[fn] = torch.compile(fn, **options)
+            return _COMPILED[fn](*args)
+        except Exception as e:  # no compiler, unsupported backend, ...
+            _FAILED.add(fn)
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eagerly")
+    return fn(*args)
+
+
+# ---------------------------------------------------------------------------- the console
+
+class _Console(logging.Handler):
+    """Lines above the progress bar: info to stdout, warnings and errors to stderr."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
+
+
+def configure_logging(level="INFO", rank=0):
+    """Show `level` and above on rank 0, nothing on the other ranks."""
+    if not any(isinstance(h, _Console) for h in log.handlers):
+        log.addHandler(_Console())
+        log.propagate = False
+    log.setLevel(level if rank == 0 else logging.CRITICAL + 1)
+
+
+@contextlib.contextmanager
+def kept_log_level():
+    """Within the block a run may set its own level (es.py's quiet inner runs); restored after."""
+    level = log.level
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def quiet():
+    """Whether progress lines are off (log_level WARNING or ERROR, or not rank 0)."""
+    return not log.isEnabledFor(logging.INFO)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode within the block (no dropout), its training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------- processes
+
+def init_distributed(device="auto", timeout_hours=2):
+    """(rank, world): join torchrun's process group when launched by it (WORLD_SIZE > 1), gloo for the CPU
+    tensors of metrics and stop flags, nccl beside it on GPUs; (0, 1) for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo",
+                                timeout=datetime.timedelta(hours=timeout_hours))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce(x, world, op="sum"):
+    """x (a tensor) summed (or maxed) over the `world` processes, in place; itself with one process."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return x
+
+
+def sum_grads(params, world, bucket=1 << 24):
+    """Sum every gradient over the processes, in flat buckets of about `bucket` elements."""
+    import torch
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    i = 0
+    while i < len(params):
+        j, size = i, 0
+        while j < len(params) and (size == 0 or size + params[j].numel() <= bucket):
+            size, j = size + params[j].numel(), j + 1
+        grads = [p.grad for p in params[i:j]]
+        flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), world)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+        i = j
+
+
+def reduce_metrics(m, world):
+    """A step's metrics over every process: sums for the loss (each rank holds its share of the global loss),
+    the prompts cut and the throughput; maxima for maxima and peak memory; the mean of the ranks' values for
+    the rest (ranks hold equal batches); step, lr and counters are the same everywhere."""
+    if world == 1:
+        return m
+    import torch
+    keys = [k for k, v in m.items() if isinstance(v, (int, float)) and k not in ("step", "lr", "skipped_steps")]
+    peak = [k for k in keys if k.endswith("_max") or k.startswith("memory/")]
+    summed = [k for k in keys if k in ("loss", "prompts_cut", "tokens_per_s")]
+    rest = [k for k in keys if k not in peak]
+    sums = all_reduce(torch.tensor([float(m[k]) for k in rest], dtype=torch.float64), world).tolist()
+    maxes = all_reduce(torch.tensor([float(m[k]) for k in peak], dtype=torch.float64), world, op="max").tolist()
+    return {**m, **{k: v if k in summed else v / world for k, v in zip(rest, sums)}, **dict(zip(peak, maxes))}
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within the block, SIGTERM and SIGINT only append their name to the yielded list, so that a loop can
+    finish its step, save and stop; a second SIGINT interrupts at once. Outside the main thread: no change."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        if caught and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        caught.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stopping(caught, world):
+    """Whether any process caught a stop signal: every process decides together, or a collective would wait."""
+    if world == 1:
+        return bool(caught)
+    import torch
+    return bool(all_reduce(torch.tensor(len(caught)), world, op="max").item())
+
+
+# ---------------------------------------------------------------------------- files
+
+def append_jsonl(path, rows):
+    """Append rows (dicts) to a jsonl file; a non-finite number is written as null."""
+    with open(path, "a") as f:
+        for row in rows:
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    """The dict rows of a jsonl file; a line cut short by a kill is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def truncate_jsonl(path, key, last):
+    """Keep the rows of a jsonl file whose `key` is at most `last` (a missing file stays missing)."""
+    if os.path.isfile(path):
+        kept = [r for r in read_jsonl(path) if isinstance(r.get(key, 0), (int, float)) and r.get(key, 0) <= last]
+        atomic_write(path, lambda tmp: append_jsonl(tmp, kept))
+
+
+def atomic_write(path, write):
+    """write(tmp), flush it to disk, then rename it onto path: a reader sees the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
