@@ -68,6 +68,7 @@ import data  # noqa: E402
 import logprobs  # noqa: E402
 import rewards  # noqa: E402
 import sampler  # noqa: E402
+import tasks  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 from mirror import NeuralMirror, divergence  # noqa: E402
@@ -202,7 +203,7 @@ STEP_COMMON = dict(temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, max_
 
 def save_step_model(folder, model):
     """A random Qwen3 of MODELS[model] and a 1024-token BPE tokenizer, saved to folder; the 8 questions."""
-    rows = data.toy_task(300, seed=0)
+    rows = tasks.toy_task(300, seed=0)
     tokenizer = tiny.build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=1024)
     net = build_qwen3(**MODELS[model]).cpu()
     net.config.eos_token_id, net.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -225,7 +226,7 @@ def step_config(folder, questions, length, out, **knobs):
 def step_ours(folder, questions, length, out, **knobs):
     """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step."""
     run = train.setup(step_config(folder, questions, length, out, **knobs))
-    run["eos"] = [run["model"].config.vocab_size]  # an id never drawn: every row runs `length` tokens
+    run.eos = [run.model.config.vocab_size]  # an id never drawn: every row runs `length` tokens
     return lambda: train.train_step(run)[0]["completion_length_max"]
 
 

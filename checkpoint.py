@@ -18,16 +18,17 @@ from safetensors.torch import load_file, save_file
 
 import config as config_lib
 import lora
+from common import log
 from mirror import NeuralMirror
 
 
 def save_checkpoint(run, folder=None):
     """Write output_dir/checkpoint-STEP (or `folder`) atomically (a temp folder, then a rename); keep the
     newest few checkpoint-STEP folders. Under FSDP every process calls it."""
-    cfg, step = run["cfg"], run["step"]
+    cfg, step = run.cfg, run.step
     final = folder or os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(os.path.dirname(os.path.abspath(final)), f".tmp-{os.path.basename(final)}")
-    root = run["roots"].get(id(run["model"]))
+    root = run.roots.get(id(run.model))
     rank = dist.get_rank() if root is not None else 0
     if rank == 0:
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
@@ -36,11 +37,11 @@ def save_checkpoint(run, folder=None):
     if root is not None:  # collectives: every process writes its shard; rank 0 gathers the whole weights
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
         dist.barrier()
-        model_sd, opt_sd = get_state_dict(root, run["optimizer"])
+        model_sd, opt_sd = get_state_dict(root, run.optimizer)
         dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=os.path.join(tmp, SHARDS))
         full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         full = {k.removeprefix("model."): v for k, v in full.items()}  # the Root wrapper's prefix
-        model = run["model"]
+        model = run.model
         if getattr(model.config, "tie_word_embeddings", False):  # saved once, as save_pretrained does
             full.pop(next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight", None)
         if rank != 0:
@@ -48,12 +49,12 @@ def save_checkpoint(run, folder=None):
             return final
     if cfg.use_lora:  # the adapters alone, in PEFT's layout (the base is cfg.model_name)
         base = os.path.abspath(cfg.model_name) if os.path.isdir(cfg.model_name) else cfg.model_name
-        lora.save_adapter(run["model"], tmp, base_model_name_or_path=base, state_dict=full)
+        lora.save_adapter(run.model, tmp, base_model_name_or_path=base, state_dict=full)
     else:
-        run["model"].save_pretrained(tmp, state_dict=full)
-    run["tokenizer"].save_pretrained(tmp)
-    run["mirror"].save(os.path.join(tmp, "mirror.safetensors"))
-    opt = run["optimizer"].state_dict() if root is None else {"state": {}, "param_groups": []}  # FSDP: in shards/
+        run.model.save_pretrained(tmp, state_dict=full)
+    run.tokenizer.save_pretrained(tmp)
+    run.mirror.save(os.path.join(tmp, "mirror.safetensors"))
+    opt = run.optimizer.state_dict() if root is None else {"state": {}, "param_groups": []}  # FSDP: in shards/
     if root is None:
         save_file({f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()
                    if torch.is_tensor(v)} or {"empty": torch.zeros(0)}, os.path.join(tmp, "optimizer.safetensors"))
@@ -61,11 +62,11 @@ def save_checkpoint(run, folder=None):
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, os.path.join(tmp, "rng.safetensors"))
-    state = dict(step=step, skipped_steps=run["skipped_steps"], optimizer_groups=opt["param_groups"],
+    state = dict(step=step, skipped_steps=run.skipped_steps, optimizer_groups=opt["param_groups"],
                  optimizer_scalars={i: {k: v for k, v in s.items() if not torch.is_tensor(v)}
                                     for i, s in opt["state"].items()},
-                 scheduler=run["scheduler"].state_dict(),
-                 scaler=run["scaler"].state_dict() if run["scaler"] else None, config=config_lib.config_dict(cfg))
+                 scheduler=run.scheduler.state_dict(),
+                 scaler=run.scaler.state_dict() if run.scaler else None, config=config_lib.config_dict(cfg))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(state, f, indent=1)
     with open(os.path.join(tmp, CHECKSUMS), "w") as f:  # written last: the folder's completion marker
@@ -147,7 +148,7 @@ def checkpoints(output_dir):
     return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
 
 
-def resume_path(cfg, say=print):
+def resume_path(cfg):
     """The checkpoint folder cfg.resume names ('latest': the newest one that checks out, or None); a
     corrupted checkpoint is skipped ('latest') or refused (a named folder) with the reason."""
     if cfg.resume == "latest":
@@ -156,10 +157,11 @@ def resume_path(cfg, say=print):
             problem = checkpoint_problem(path)
             if problem is None:
                 return path
-            say(f"skipping corrupted checkpoint {path}: {problem}")
+            log.warning(f"skipping corrupted checkpoint {path}: {problem}")
         if found:
             raise ValueError(f"every checkpoint in {cfg.output_dir} is corrupted: restore one, or start over "
                              "with a new output_dir")
+        log.info(f"resume='latest': no checkpoint in {cfg.output_dir} yet, starting at step 0")
         return None
     if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise ValueError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json): "
@@ -171,52 +173,54 @@ def resume_path(cfg, say=print):
     return cfg.resume
 
 
-def load_checkpoint(run, path, say=print):
+def load_checkpoint(run, path):
     """Restore weights, optimizer, scheduler, RNG, mirror and step from a checkpoint folder."""
     from safetensors.torch import load_model as load_weights
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     weights = [n for n in os.listdir(path) if n.startswith("model") and n.endswith(".safetensors")]
-    root = run["roots"].get(id(run["model"]))
+    root = run.roots.get(id(run.model))
     sharded = os.path.isdir(os.path.join(path, SHARDS))
     if (root is not None) != sharded:
         raise ValueError(f"{path} holds FSDP shards: resume it under torchrun with distributed='fsdp'" if sharded else
                          f"{path} holds no FSDP shards (saved without FSDP): resume it with distributed='ddp'")
     if root is not None:  # weights and optimizer state from every process's shard
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        model_sd, opt_sd = get_state_dict(root, run["optimizer"])
+        model_sd, opt_sd = get_state_dict(root, run.optimizer)
         both = {"model": model_sd, "optimizer": opt_sd}
         dcp.load(both, checkpoint_id=os.path.join(path, SHARDS))
-        set_state_dict(root, run["optimizer"], model_state_dict=both["model"], optim_state_dict=both["optimizer"])
-    elif run["cfg"].use_lora:
+        set_state_dict(root, run.optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    elif run.cfg.use_lora:
         if not os.path.isfile(os.path.join(path, lora.WEIGHTS_NAME)):
             raise ValueError(f"{path} holds no LoRA adapter ({lora.WEIGHTS_NAME}): it was saved without use_lora")
-        lora.load_adapter(run["model"], path)
+        lora.load_adapter(run.model, path)
     elif not weights:
         raise ValueError(f"{path} holds no model weights (a LoRA checkpoint?): resume it with use_lora=True")
     elif weights == ["model.safetensors"]:
-        load_weights(run["model"], os.path.join(path, "model.safetensors"), device=str(run["device"]))
+        load_weights(run.model, os.path.join(path, "model.safetensors"), device=str(run.device))
     else:
         from transformers import AutoModelForCausalLM
-        run["model"].load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
-    run["mirror"].load_state_dict(NeuralMirror.load(os.path.join(path, "mirror.safetensors")).state_dict())
+        run.model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
+    run.mirror.load_state_dict(NeuralMirror.load(os.path.join(path, "mirror.safetensors")).state_dict())
     if root is None:
         tensors = load_file(os.path.join(path, "optimizer.safetensors"))  # load_state_dict moves them
         opt_state = {}
         for i, scalars in state["optimizer_scalars"].items():
             opt_state[int(i)] = {**scalars, **{k.split(".", 1)[1]: v for k, v in tensors.items()
                                                if k.split(".")[0] == i}}
-        run["optimizer"].load_state_dict({"state": opt_state, "param_groups": state["optimizer_groups"]})
-    run["scheduler"].load_state_dict(state["scheduler"])
-    if run["scaler"] and state["scaler"]:
-        run["scaler"].load_state_dict(state["scaler"])
+        run.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_groups"]})
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
     rng = load_file(os.path.join(path, "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
-    run["step"], run["skipped_steps"] = state["step"], state["skipped_steps"]
-    now = config_lib.config_dict(run["cfg"])
+    run.step, run.skipped_steps = state["step"], state["skipped_steps"]
+    now = config_lib.config_dict(run.cfg)
     changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in state["config"].items()
                if k not in ("resume", "output_dir") and now.get(k) != v]
+    log.info(f"resumed from {path} at step {run.step}")
     if changed:
-        say("resuming with changed settings (the run will not match an uninterrupted one): " + "; ".join(changed))
+        log.warning("resuming with changed settings (the run will not match an uninterrupted one): " +
+                    "; ".join(changed))

@@ -3,8 +3,9 @@
 Every key of AlignTune's schema either maps to a Config field here or stops with an error that
 names it and says why; nothing is silently dropped. The nested schema (algo, model, datasets,
 train, logging, distributed, caching, chat_template, rewards) is recognised by its sections; a flat
-mapping of our own field names passes through untouched.
+mapping of our own field names passes through untouched. Imports nothing of ours but the leaf common.py.
 """
+from common import did_you_mean
 
 # algo -> the settings it implies (anything the config sets explicitly wins)
 ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_type": "kl"},
@@ -63,11 +64,6 @@ WHY = {"distributed.backend": "only 'single' runs in this version",
        "model.disable_dropout": "dropout is always off (the sampler and learner must agree)"}
 
 
-def _did_you_mean(word, options):
-    from config import did_you_mean  # config imports this module at its top
-    return did_you_mean(word, options)
-
-
 def is_nested(data):
     """Whether a config mapping is in AlignTune's nested schema: it names an algo or holds one of its sections
     (none of which is a field of ours)."""
@@ -90,7 +86,7 @@ def _section(name, values, table, out):
     for key, value in values.items():
         path = f"{name}.{key}"
         if key not in table:
-            raise ValueError(f"unknown key '{path}'{_did_you_mean(key, table)}: it maps to nothing here")
+            raise ValueError(f"unknown key '{path}'{did_you_mean(key, table)}: it maps to nothing here")
         field = table[key]
         if field is None:
             _neutral(f"{'datasets' if name == 'dataset' else name.replace('training', 'train')}.{key}", value)
@@ -121,12 +117,12 @@ def from_nested(data):
     """Our {field: value} from a config in AlignTune's nested schema; ValueError names any key that maps to nothing."""
     for key in data:
         if key not in TOP:
-            raise ValueError(f"unknown top-level key '{key}'{_did_you_mean(key, TOP)}; AlignTune's sections are "
+            raise ValueError(f"unknown top-level key '{key}'{did_you_mean(key, TOP)}; AlignTune's sections are "
                              f"{', '.join(TOP)}")
     out = {}
     algo = str(data.get("algo", data.get("algorithm", "nmgrpo"))).lower()
     if algo not in ALGOS:
-        raise ValueError(f"algo={algo!r}: this trainer runs {', '.join(ALGOS)}{_did_you_mean(algo, ALGOS)}")
+        raise ValueError(f"algo={algo!r}: this trainer runs {', '.join(ALGOS)}{did_you_mean(algo, ALGOS)}")
     for name in ("model", "train", "training", "logging", "distributed", "caching"):
         if name in data and data[name] is not None:
             _section(name, data[name], SECTIONS[name], out)
@@ -188,7 +184,7 @@ def algo_settings(name):
     """The settings of --type/--algo NAME."""
     name = str(name).lower()
     if name not in ALGOS:
-        raise ValueError(f"--type={name!r}: this trainer runs {', '.join(ALGOS)}{_did_you_mean(name, ALGOS)}")
+        raise ValueError(f"--type={name!r}: this trainer runs {', '.join(ALGOS)}{did_you_mean(name, ALGOS)}")
     return dict(ALGOS[name])
 
 

@@ -1,23 +1,17 @@
-"""Every knob of a run, with its default and a one-line doc, and the loader for config files and flags.
+"""Every knob of a run: the Config dataclass (each knob's default, one-line doc and group), make and validate.
 
-    python train.py --config configs/demo.py --learning_rate=3e-5 --max-steps 10
+    cfg = config.make(model_name="Qwen/Qwen3-0.6B", dataset_name="openai/gsm8k", learning_rate=2e-6)
 
-A config file is Python (its top-level lowercase names are Config fields; modules, functions,
-classes, _private and UPPER_CASE names are left alone), JSON or YAML (a flat mapping of fields). Flags come after and win: `--key=value` or `--key value`, dashes or underscores.
-Defaults follow AlignTune's NMGRPO documentation.
+Config files and flags come in through configurator.py. Defaults follow AlignTune's NMGRPO documentation.
 """
-import ast
 import dataclasses
-import difflib
-import json
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import compat
+from common import did_you_mean
 
 
 def _f(default, doc, group):
@@ -143,13 +137,7 @@ CHOICES = {
 }
 
 
-def did_you_mean(name, options):
-    """' (did you mean X?)' for the closest option, or ''."""
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _base_type(tp):
+def base_type(tp):
     """The concrete type of a field: Optional[int] -> (int, True); Any -> (None, ...)."""
     if typing.get_origin(tp) is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -157,35 +145,8 @@ def _base_type(tp):
     return (None if tp is Any else tp), False
 
 
-def parse_value(key, text):
-    """Turn the string of a `--key=value` flag into the field's type; ValueError names the key."""
-    tp, optional = _base_type(FIELDS[key].type)
-    low = text.strip().lower()
-    if optional and low in ("none", "null"):
-        return None
-    try:
-        if tp is bool:
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if tp in (int, float):
-            return tp(float(text)) if tp is int and float(text).is_integer() else tp(text)
-        if tp in (list, dict) or tp is None:
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:
-                return ast.literal_eval(text) if tp is not None else text
-        return text
-    except (ValueError, SyntaxError):
-        want = {bool: "true or false", int: "an integer", float: "a number", list: "a list like [1, 2]",
-                dict: "a mapping like {\"a\": 1}"}.get(tp, str(tp))
-        raise ValueError(f"--{key}={text!r} is not {want}") from None
-
-
 def _check_type(key, value):
-    tp, optional = _base_type(FIELDS[key].type)
+    tp, optional = base_type(FIELDS[key].type)
     if value is None and optional or tp is None:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -195,51 +156,6 @@ def _check_type(key, value):
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ValueError(f"{key}={value!r} should be {tp.__name__}, got {type(value).__name__}")
     return value
-
-
-def read_file(path):
-    """The {field: value} mapping of a .py, .json or .yaml config file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".py":
-        scope = {"__file__": os.path.abspath(path), "__name__": "__config__"}
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), scope)
-        skip = (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)
-        return {k: v for k, v in scope.items() if k in FIELDS or not (
-            k.startswith("_") or k.isupper() or isinstance(v, skip) or _is_typing(v))}
-    if ext == ".json":
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path!r} should hold a mapping of fields")
-        return compat.from_nested(data) if compat.is_nested(data) else data
-    if ext in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError("reading YAML configs needs PyYAML: pip install pyyaml") from None
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path!r} should hold a mapping of fields")
-        data = compat.from_nested(data) if compat.is_nested(data) else data
-        for k, v in data.items():  # PyYAML reads 1e-5 (no dot) as a string
-            if isinstance(v, str) and k in FIELDS and _base_type(FIELDS[k].type)[0] is float:
-                data[k] = parse_value(k, v)
-        return data
-    raise ValueError(f"config file {path!r}: use a .py, .json or .yaml file")
-
-
-def _is_typing(v):
-    return getattr(v, "__module__", None) == "typing" or isinstance(v, dataclasses.Field)
 
 
 def make(overrides=None, **kwargs):
@@ -253,96 +169,35 @@ def make(overrides=None, **kwargs):
     return cfg
 
 
-def parse_args(argv):
-    """(config file or None, {key: value}) from `--config FILE --key=value --key value ...`; AlignTune's
-    flag names are aliases (compat.FLAGS), and its --type/--algo sets what the algorithm implies unless a
-    flag sets it too; --epochs without --max-steps trains for those epochs."""
-    path, flags, algo, i = None, {}, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: use --key=value")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        key = compat.FLAGS.get(name, name)
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                if key in FIELDS and _base_type(FIELDS[key].type)[0] is bool:
-                    value = "true"  # a bare boolean flag: --use-peft
-                else:
-                    raise ValueError(f"--{name} needs a value: --{name}=VALUE")
-            else:
-                i, value = i + 1, argv[i + 1]
-        if key == "config":
-            path = value
-        elif key in ("type", "algo", "algorithm"):  # AlignTune's --type nmgrpo
-            algo = compat.algo_settings(value)
-        elif key not in FIELDS:
-            raise ValueError(f"unknown flag --{name}{did_you_mean(name, [*FIELDS, *compat.FLAGS])}")
-        else:
-            text = value.strip()
-            if key in compat.LISTS and not text.startswith("[") and text.lower() not in ("none", "null"):
-                value = json.dumps([float(v) if key == "reward_function_weights" and _is_float(v) else v.strip()
-                                    for v in value.split(",") if v.strip()])  # --reward-functions a,b
-            flags[key] = parse_value(key, value)
-        i += 1
-    for k, v in algo.items():
-        flags.setdefault(k, v)
-    if "num_epochs" in flags and "max_steps" not in flags:
-        flags["max_steps"] = -1
-    return path, flags
-
-
-def _is_float(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def load(argv):
-    """The Config of a command line: the config file's values, then the flags on top."""
-    path, flags = parse_args(argv)
-    return make({**(read_file(path) if path else {}), **flags})
+AT_LEAST_ONE = ("batch_size", "max_completion_length", "max_prompt_length", "gradient_accumulation_steps",
+                "num_iterations", "logging_steps", "eval_batch_size", "logprob_chunk_size", "max_seq_length",
+                "save_total_limit", "es_population", "es_inner_steps", "es_iterations", "es_eval_samples",
+                "max_samples")
+NON_NEGATIVE = ("mirror_coefficient", "mirror_init_scale", "beta", "weight_decay", "epsilon", "warmup_steps", "top_k",
+                "eval_size", "save_steps", "eval_steps")
 
 
 def validate(cfg):
     """Raise ValueError, naming the key and the fix, for a config that cannot run."""
-    for key, options in CHOICES.items():
+    from transformers import SchedulerType
+    for key, options in {**CHOICES, "lr_scheduler": [s.value for s in SchedulerType]}.items():
         if getattr(cfg, key) not in options:
             raise ValueError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(options)}"
                              f"{did_you_mean(getattr(cfg, key), options)}")
-    from transformers import SchedulerType
-    schedulers = [s.value for s in SchedulerType]
-    if cfg.lr_scheduler not in schedulers:
-        raise ValueError(f"lr_scheduler={cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}"
-                         f"{did_you_mean(cfg.lr_scheduler, schedulers)}")
-    positive = ["batch_size", "max_completion_length", "max_prompt_length", "gradient_accumulation_steps",
-                "num_iterations", "logging_steps", "eval_batch_size", "logprob_chunk_size", "max_seq_length"]
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
-    for key in ("epsilon_low", "epsilon_high"):
-        if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < (1 if key == "epsilon_low" else 10):
-            raise ValueError(f"{key}={getattr(cfg, key)} must be in [0, 1)" if key == "epsilon_low" else
-                             f"{key}={getattr(cfg, key)} must be in [0, 10)")
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise ValueError(f"max_samples={cfg.max_samples} must be at least 1 (or None for all)")
     for key in ("learning_rate", "temperature"):
-        if not getattr(cfg, key) > 0 or not math.isfinite(getattr(cfg, key)):
+        if not getattr(cfg, key) > 0:
             raise ValueError(f"{key}={getattr(cfg, key)} must be a positive number")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name}={value} must be a finite number")
-    for key in ("mirror_coefficient", "mirror_init_scale", "beta", "weight_decay", "epsilon", "warmup_steps",
-                "top_k", "eval_size", "save_steps", "eval_steps"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 0")
-    for key in ("es_population", "es_inner_steps", "es_iterations", "es_eval_samples"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}={getattr(cfg, key)} must be at least 1")
+        if f.name in AT_LEAST_ONE and value is not None and value < 1:
+            raise ValueError(f"{f.name}={value} must be at least 1" + " (None: all)" * (f.name == "max_samples"))
+        if f.name in NON_NEGATIVE and value < 0:
+            raise ValueError(f"{f.name}={value} must be >= 0")
+    for key, high in (("epsilon_low", 1), ("epsilon_high", 10), ("warmup_ratio", 1)):
+        if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < high:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be in [0, {high})")
     if cfg.es_population % 2:
         raise ValueError(f"es_population={cfg.es_population} must be even: candidates come in antithetic pairs")
     if not (cfg.es_sigma > 0 and cfg.es_lr > 0 and 0 < cfg.es_sigma_decay <= 1):
@@ -360,39 +215,22 @@ def validate(cfg):
         raise ValueError(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.max_steps <= 0 and cfg.num_epochs < 1:
         raise ValueError("set max_steps > 0 or num_epochs >= 1")
-    if cfg.use_lora:
-        if cfg.lora_r < 1 or not cfg.lora_alpha > 0 or not 0 <= cfg.lora_dropout < 1:
-            raise ValueError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1; got lora_r={cfg.lora_r}, "
-                             f"lora_alpha={cfg.lora_alpha}, lora_dropout={cfg.lora_dropout}")
-        targets = cfg.lora_target_modules
-        if not (isinstance(targets, str) and targets.strip() or isinstance(targets, (list, tuple)) and targets
-                and all(isinstance(t, str) and t for t in targets)):
-            raise ValueError(f"lora_target_modules={targets!r} must be 'all-linear' or Linear names like "
-                             "['q_proj', 'v_proj'] (or 'q_proj,v_proj')")
+    if cfg.use_lora and (cfg.lora_r < 1 or not cfg.lora_alpha > 0 or not 0 <= cfg.lora_dropout < 1):
+        raise ValueError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1; got lora_r={cfg.lora_r}, "
+                         f"lora_alpha={cfg.lora_alpha}, lora_dropout={cfg.lora_dropout}")
+    targets = cfg.lora_target_modules
+    if cfg.use_lora and not (isinstance(targets, str) and targets.strip() or isinstance(targets, (list, tuple))
+                             and targets and all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(f"lora_target_modules={targets!r} must be 'all-linear' or Linear names like "
+                         "['q_proj', 'v_proj'] (or 'q_proj,v_proj')")
     if cfg.chat_template not in (None, "auto", "none") and not ("{{" in cfg.chat_template or "{%" in cfg.chat_template):
         raise ValueError(f"chat_template={cfg.chat_template!r} is not a Jinja template: use 'auto' (the tokenizer's), "
                          "'none' (plain text) or a template string with {{ }} / {% %}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1)")
-    import logs
-    logs.check_loggers(cfg.loggers)
-    if cfg.save_total_limit < 1:
-        raise ValueError(f"save_total_limit={cfg.save_total_limit} must be at least 1")
     if (cfg.batch_size * cfg.num_generations) % cfg.gradient_accumulation_steps:
         raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide "
                          f"batch_size*num_generations={cfg.batch_size * cfg.num_generations}")
-
-
-def describe():
-    """Every knob with its default and doc, grouped: the body of `--help`."""
-    lines, group = [], None
-    for f in dataclasses.fields(Config):
-        if f.metadata["group"] != group:
-            group = f.metadata["group"]
-            lines.append(f"\n{group}:")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  --{f.name}={default!r}\n      {f.metadata['doc']}")
-    return "\n".join(lines)
+    import logs
+    logs.check_loggers(cfg.loggers)
 
 
 def config_dict(cfg):

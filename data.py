@@ -4,9 +4,6 @@ load_examples turns a Hub dataset, a local file or folder, an in-memory list or 
 task into lists of {"prompt", "reference", **other columns}; render_prompt applies the chat template;
 encode_prompts left-pads token ids; batch_indices is the deterministic, rank-aware shuffled stream.
 """
-import ast
-import builtins
-import importlib
 import logging
 import os
 import random
@@ -14,101 +11,12 @@ import random
 import torch
 from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset, load_from_disk
 
+from common import callable_from
+from tasks import preset_for, resolve_mapping, toy_task
+
 log = logging.getLogger(__name__)
 
-PROMPT_ALIASES = ("prompt", "query", "instruction", "question", "input")  # auto-detect, first match wins
-REFERENCE_ALIASES = ("reference", "answer", "response", "solution", "completion")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def extract_gsm8k(text):
-    """The answer after the last '####', commas dropped ('#### 1,234' -> '1234'); None without a marker."""
-    return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else None
-
-
-def extract_boxed(text):
-    """The content of the last \\boxed{...}, nested braces balanced; None if absent or unbalanced."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
-
-
-def mbpp_function(test, imports=""):
-    """The function an MBPP assert tests: the first plain name it calls that is not a builtin nor imported
-    ('assert set(f(1)) == {2}' -> 'f'); None when there is none or the test does not parse."""
-    try:
-        tree, known = ast.parse(test), set(dir(builtins))
-        for node in ast.walk(ast.parse(imports or "")):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                known.update((a.asname or a.name).split(".")[0] for a in node.names)
-    except SyntaxError:
-        return None
-    calls = sorted((n.func.col_offset, n.func.id) for n in ast.walk(tree)
-                   if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id not in known)
-    return calls[0][1] if calls else None
-
-
-def mbpp_row(row):
-    """An MBPP row ("full" or "sanitized" config) with a prompt naming the function and showing its first test."""
-    row = dict(row)
-    task, tests = row.pop("text", None) or row.get("prompt") or "", list(row.get("test_list") or [])
-    imports = "\n".join([row.get("test_setup_code") or "", *(row.get("test_imports") or [])])
-    name = mbpp_function(tests[0], imports) if tests else None
-    row["prompt"] = (f"{task.strip()}\n"
-                     + (f"Write a Python function named `{name}`. Your code should pass this test:\n{tests[0]}\n"
-                        if name else "")
-                     + "Give the complete code in one ```python code block.")
-    return row
-
-
-GSM8K = {"needs": ("question", "answer"), "config_name": "main", "columns": {"question": "prompt", "answer": "reference"},
-         "extract": {"answer": extract_gsm8k}}
-MBPP = {"needs": ("test_list", "code"), "row": mbpp_row, "columns": {"prompt": "prompt", "code": "reference"}}  # test_list etc. reach the rewards
-MATH = {"needs": ("problem", "solution"), "columns": {"problem": "prompt", "solution": "reference"}, "extract": {"solution": extract_boxed}}
-PRESETS = {"gsm8k": GSM8K, "toy": GSM8K, "mbpp": MBPP, "math": MATH, "competition_math": MATH,
-           "hendrycks_math": MATH}
-
-
-def preset_for(name):
-    """The preset of a dataset, looked up by its name's basename ('openai/gsm8k' -> gsm8k); None if none."""
-    return PRESETS.get(name.rsplit("/", 1)[-1].lower())
-
-
-# ----------------------------------------------------------------------------- the toy task
-
-NAMES = ["Tom", "Ana", "Ravi", "Mei", "Lena", "Omar", "Sara", "Ben", "Yuki", "Ivan"]
-OBJECTS = ["apples", "pencils", "marbles", "cookies", "stickers", "books", "shells", "coins"]
-TEMPLATES = {
-    "+": ["{n} has {a} {o}. {n} buys {b} more. How many {o} does {n} have now?",
-          "There are {a} {o} in a box. {n} puts in {b} more. How many {o} are in the box now?"],
-    "-": ["{n} has {a} {o}. {n} gives {b} to a friend. How many {o} does {n} have left?",
-          "A basket holds {a} {o}. {n} takes out {b}. How many {o} are left in the basket?"],
-    "*": ["{n} has {a} bags with {b} {o} in each bag. How many {o} does {n} have in total?",
-          "{n} buys {a} packs of {b} {o}. How many {o} does {n} buy?"],
-}
-
-
-def toy_task(n, seed=0, max_value=20, ops="+-"):
-    """n GSM8K-style word problems {"question", "answer": "a op b = c\\n#### c"}, deterministic per seed."""
-    if not ops or set(ops) - set(TEMPLATES):
-        raise ValueError(f"ops={ops!r}: use a non-empty string of the operators {''.join(TEMPLATES)}")
-    rng, rows = random.Random(seed), []
-    for _ in range(n):
-        op = rng.choice(ops)
-        top = min(max_value, 12) if op == "*" else max_value
-        a, b = rng.randint(0, top), rng.randint(0, top)
-        if op == "-" and b > a:
-            a, b = b, a  # never negative
-        c = {"+": a + b, "-": a - b, "*": a * b}[op]
-        question = rng.choice(TEMPLATES[op]).format(n=rng.choice(NAMES), o=rng.choice(OBJECTS), a=a, b=b)
-        rows.append({"question": question, "answer": f"{a} {op} {b} = {c}\n#### {c}"})
-    return rows
 
 
 # ----------------------------------------------------------------------------- loading
@@ -149,38 +57,6 @@ def _load(source, config_name, split, seed, max_samples, cache_dir=None):
                          "name, go online, or give a local file or folder") from None
 
 
-def _resolve_fn(processing_fn):
-    """A callable from a callable or a 'module:function' string."""
-    if processing_fn is None or callable(processing_fn):
-        return processing_fn
-    module, _, name = str(processing_fn).partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"processing_fn={processing_fn!r} cannot be imported ({e}); "
-                         "give a callable or a 'module:function' string") from None
-    if not callable(fn):
-        raise ValueError(f"processing_fn={processing_fn!r} is not callable")
-    return fn
-
-
-def _resolve_mapping(columns, column_mapping):
-    """{source column: target}: the given mapping, then auto-detected prompt/reference columns."""
-    mapping = dict(column_mapping or {})
-    missing = [c for c in mapping if c not in columns]
-    if missing:
-        raise ValueError(f"column(s) {missing} not found; the dataset has {sorted(columns)}: "
-                         "set column_mapping={source column: 'prompt' | 'reference'} to match")
-    for role, aliases in (("prompt", PROMPT_ALIASES), ("reference", REFERENCE_ALIASES)):
-        found = [c for c in aliases if c in columns and c not in mapping]
-        if role not in mapping.values() and found:
-            mapping[found[0]] = role
-    if "prompt" not in mapping.values():
-        raise ValueError(f"no prompt column among {sorted(columns)}; name it with column_mapping, "
-                         f"e.g. column_mapping={{'{sorted(columns)[0]}': 'prompt'}}")
-    return mapping
-
-
 def _to_examples(rows, column_mapping, extract):
     """Rename mapped columns, extract references, keep every other column untouched."""
     if not rows:
@@ -188,7 +64,7 @@ def _to_examples(rows, column_mapping, extract):
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
     if bad is not None:
         raise ValueError(f"row {bad} is {rows[bad]!r:.200}, not a dict (a processing_fn must return the row)")
-    mapping = _resolve_mapping(rows[0].keys(), column_mapping)
+    mapping = resolve_mapping(rows[0].keys(), column_mapping)
     ref_src = next((s for s, d in mapping.items() if d == "reference"), None)
     examples = []
     for i, row in enumerate(rows):
@@ -215,23 +91,19 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
                   max_samples=None, column_mapping=None, processing_fn=None, seed=42, cache_dir=None):
     """(train, eval) lists of {"prompt", "reference", **other columns} from one source.
 
-    source: a Hub name, a .json/.jsonl/.csv/.parquet file (one "train" split), a folder (save_to_disk
-    or data files), a list of dicts, or "toy" (toy_task of max_samples or 2000 rows, seeded by `seed`).
-    Presets (preset_for) give Hub names, "toy", and local folders named like a preset ("mbpp/") that
-    hold its columns, their config_name, row builder (MBPP's prompt), column mapping and reference
-    extraction; a user column_mapping ({source column: "prompt" | "reference" | new name}) replaces
-    the preset's mapping and row builder. Unmapped roles are auto-detected from PROMPT_ALIASES / REFERENCE_ALIASES.
-    max_samples keeps the first n rows of `split`, before eval carving. eval comes from eval_split
-    (capped to eval_size rows when > 0) or, failing that, eval_size rows carved off train by a seeded
-    shuffle. Train never shares a prompt with eval: overlapping train rows are dropped and logged.
-    cache_dir: where Hub datasets are cached (None: the datasets default).
+    source: a Hub name, a .json/.jsonl/.csv/.parquet file (one "train" split), a folder (save_to_disk or data
+    files), a list of dicts, or "toy" (toy_task of max_samples or 2000 rows, seeded by `seed`). A preset
+    (tasks.py) applies to Hub names, "toy" and local folders named like one ("mbpp/") that hold its columns; a
+    column_mapping ({source column: "prompt" | "reference" | new name}) replaces its mapping and row builder.
+    max_samples keeps the first rows of `split`. eval comes from eval_split (capped to eval_size rows when > 0),
+    else eval_size rows carved off train by a seeded shuffle; train rows whose prompt is in eval are dropped.
     """
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
     preset, local = {}, isinstance(source, str) and os.path.isdir(source)
     if isinstance(source, str) and (local or not os.path.exists(source)):
         preset = preset_for(os.path.basename(os.path.normpath(source))) or {}
     config_name = config_name or preset.get("config_name")
-    user_fn = _resolve_fn(processing_fn)
+    user_fn = None if processing_fn is None else callable_from(processing_fn, "processing_fn")
 
     def examples(split_, cap):
         table = _load(source, config_name, split_, seed, max_samples, cache_dir)

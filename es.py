@@ -9,7 +9,7 @@ Gaussian ES over the 380 mirror parameters x = [v, w, b, a, c] (mirror.py). Iter
 es_population/2 directions eps ~ N(0, I) from a generator seeded seed + t, and scores the antithetic
 candidates x + sigma*eps, x - sigma*eps and the centre x itself (x starts as the map mirror_init_scale /
 mirror_seed give, or the one in mirror_path); a score (the fitness) is the held-out
-result of an inner run of es_inner_steps NMGRPO steps with that mirror (train.held_out_score). Then
+result of an inner run of es_inner_steps NMGRPO steps with that mirror (held_out_score). Then
 
     g = sum_i s_i * eps_i / (population * sigma)      s: the shaped fitnesses of the candidates
     x <- max(x + es_lr * g, 0);   sigma <- sigma * es_sigma_decay
@@ -41,7 +41,6 @@ raises or scores NaN gets the worst fitness of its iteration and is logged; a Va
 cannot run, the same for every candidate) stops the search.
 """
 import dataclasses
-import datetime
 import glob
 import json
 import math
@@ -56,19 +55,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import common
 import config as config_lib
+import configurator
+import load
 import train
+from common import log
 from mirror import N_PARAMS, NeuralMirror
 
 STATE, BEST, METRICS = "es_state.safetensors", "best_mirror.safetensors", "es_metrics.jsonl"
-RANK, WORLD = 0, 1  # this process's rank and the number of processes
-QUIET = False  # log_level WARNING or ERROR: warnings only
-
-
-def log(msg, warning=False):
-    """Rank 0's console line, above the progress bar."""
-    if RANK == 0 and (warning or not QUIET):
-        tqdm.write(str(msg), file=sys.stderr if warning else sys.stdout)
 
 
 # ---------------------------------------------------------------------------- the ES core, on tensors
@@ -121,13 +116,10 @@ def worst_filled(f):
 
 def save_state(folder, state):
     """Write the state to folder/es_state.safetensors atomically: centre and best as tensors, the rest as JSON."""
-    path = os.path.join(folder, STATE)
     meta = {k: v for k, v in state.items() if k not in ("centre", "best")}
-    save_file({"centre": state["centre"].contiguous(), "best": state["best"].contiguous()}, path + ".tmp",
-              metadata={"state": json.dumps(meta)})
-    with open(path + ".tmp", "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    common.atomic_write(os.path.join(folder, STATE), lambda tmp: save_file(
+        {"centre": state["centre"].contiguous(), "best": state["best"].contiguous()}, tmp,
+        metadata={"state": json.dumps(meta)}))
 
 
 def load_state(path):
@@ -162,12 +154,12 @@ def start(cfg):
         now = settings(cfg)
         changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in state.get("config", {}).items() if now.get(k) != v]
         if changed:
-            log("resuming with changed settings (the search will not match an uninterrupted one): " +
-                "; ".join(changed), warning=True)
-        log(f"resumed from {path} after iteration {state['iteration']}")
+            log.warning("resuming with changed settings (the search will not match an uninterrupted one): " +
+                        "; ".join(changed))
+        log.info(f"resumed from {path} after iteration {state['iteration']}")
         return state
     if cfg.resume == "latest":
-        log(f"resume='latest': no {STATE} in {cfg.output_dir} yet, starting at iteration 0")
+        log.info(f"resume='latest': no {STATE} in {cfg.output_dir} yet, starting at iteration 0")
     mirror = NeuralMirror.load(cfg.mirror_path) if cfg.mirror_path else \
         NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed)
     centre = mirror.to_vector().clamp(min=0)  # (380,)
@@ -183,25 +175,11 @@ def settings(cfg):
 
 # ---------------------------------------------------------------------------- the loop
 
-def init_distributed(cfg):
-    """Join torchrun's process group when launched by it: gloo on CPU, nccl beside gloo on GPUs (one each)."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch.distributed as dist
-    gpu = cfg.device != "cpu" and torch.cuda.is_available()
-    if gpu:  # each process's inner runs on its own GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():  # a long timeout: ranks wait at the gather for the slowest share of runs
-        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=24))
-    RANK, WORLD = dist.get_rank(), dist.get_world_size()
-
-
-def score_all(xs, fitness):
+def score_all(xs, fitness, rank=0, world=1):
     """The fitness of every row of xs (n, dim), row i on rank i % world: (n,) float64, NaN where a run failed,
     and {i: reason} of the failures. A ValueError (a config that cannot run) is raised."""
     scores, failed = torch.zeros(len(xs), dtype=torch.float64), {}  # zeros elsewhere: the sum gathers
-    for i in range(RANK, len(xs), WORLD):
+    for i in range(rank, len(xs), world):
         try:
             scores[i] = float(fitness(xs[i]))
             if not math.isfinite(scores[i]):
@@ -210,25 +188,25 @@ def score_all(xs, fitness):
             raise
         except Exception as e:  # the run is lost, the search goes on
             scores[i], failed[i] = math.nan, f"{type(e).__name__}: {e}"
-    if WORLD > 1:
+    if world > 1:
         import torch.distributed as dist
-        dist.all_reduce(scores)
-        parts = [None] * WORLD
+        common.all_reduce(scores, world)
+        parts = [None] * world
         dist.all_gather_object(parts, failed)
         failed = {i: why for part in parts for i, why in part.items()}
     return scores, failed
 
 
-def iteration(cfg, state, t, fitness):
+def iteration(cfg, state, t, fitness, rank=0, world=1):
     """Score iteration t's centre and candidates, update the state in place; returns its metrics row."""
     t0 = time.perf_counter()
     sigma = state["sigma"]
     eps = perturbations(cfg.seed, t, cfg.es_population)  # (P, dim)
     xs = torch.cat([state["centre"][None], candidates(state["centre"], eps, sigma)])  # (1 + P, dim): centre first
-    scores, failed = score_all(xs, lambda x: fitness(x, t))
+    scores, failed = score_all(xs, lambda x: fitness(x, t), rank, world)
     for i, why in sorted(failed.items()):
-        log(f"iteration {t + 1}: {'the centre' if i == 0 else f'candidate {i}'} failed ({why}); "
-            "it gets the worst fitness", warning=True)
+        log.warning(f"iteration {t + 1}: {'the centre' if i == 0 else f'candidate {i}'} failed ({why}); "
+                    "it gets the worst fitness")
     if len(failed) == len(xs):
         raise ValueError(f"iteration {t + 1}: every inner run failed (first: {failed[min(failed)]}); "
                          "fix the inner runs' config")
@@ -250,49 +228,31 @@ def iteration(cfg, state, t, fitness):
     return row
 
 
-def truncate_metrics(path, done):
-    """Keep the rows of es_metrics.jsonl up to iteration `done` (a line cut short by a kill is dropped)."""
-    if not os.path.isfile(path):
-        return
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["iteration"] <= done:
-                    rows.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
-    with open(path, "w") as f:
-        f.writelines(rows)
-
-
-def evolve(cfg, fitness):
+def evolve(cfg, fitness, rank=0, world=1):
     """Run (or resume) the search to es_iterations; fitness(x, t) scores a (380,) mirror vector with iteration
     t's seed. Rank 0 saves the state, the best mirror and the metrics after every iteration. Returns the state."""
-    global QUIET
-    QUIET = cfg.log_level in ("WARNING", "ERROR")
+    common.configure_logging(cfg.log_level, rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     state = start(cfg)
     metrics = os.path.join(cfg.output_dir, METRICS)
-    if RANK == 0:  # rows past the saved state are written again; runs a kill left behind are removed
-        truncate_metrics(metrics, state["iteration"])
+    if rank == 0:  # rows past the saved state are written again; runs a kill left behind are removed
+        common.truncate_jsonl(metrics, "iteration", state["iteration"])
         for stale in glob.glob(os.path.join(cfg.output_dir, ".candidate-*")):
             shutil.rmtree(stale, ignore_errors=True)
-    if WORLD > 1:
+    if world > 1:
         import torch.distributed as dist
         dist.barrier()
-    bar = tqdm(total=cfg.es_iterations, initial=state["iteration"], desc="es", disable=RANK != 0 or QUIET,
+    bar = tqdm(total=cfg.es_iterations, initial=state["iteration"], desc="es", disable=common.quiet(),
                dynamic_ncols=True)
     for t in range(state["iteration"], cfg.es_iterations):
-        row = iteration(cfg, state, t, fitness)
-        if RANK == 0:  # the state last: it is what resume trusts, and rows past it are dropped
-            with open(metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        row = iteration(cfg, state, t, fitness, rank, world)
+        if rank == 0:  # the state last: it is what resume trusts, and rows past it are dropped
+            common.append_jsonl(metrics, [row])
             NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).from_vector(state["best"]).save(
                 os.path.join(cfg.output_dir, BEST))
             save_state(cfg.output_dir, state)
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                     if k not in ("fitness", "failed")))
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                          if k not in ("fitness", "failed")))
         bar.set_postfix(centre=row["centre_fitness"], best=state["best_fitness"])
         bar.update(1)
     bar.close()
@@ -310,13 +270,30 @@ def inner_config(cfg, t, output_dir):
         mirror_path=None, output_dir=output_dir, log_level="ERROR" if cfg.log_level == "ERROR" else "WARNING")
 
 
+def held_out_score(cfg, mirror=None, fitness="accuracy"):
+    """Train from cfg (with `mirror`) in this process alone, then the final held-out eval/accuracy or
+    eval/reward: the fitness of a candidate. Raises FloatingPointError when it is not finite,
+    KeyboardInterrupt when a stop signal ended the run, ValueError for a config that cannot run."""
+    with common.kept_log_level():  # the inner run is quieter than the search
+        out = train.fit(train.setup(cfg, mirror, solo=True), save_last=False)
+    if out["stopped_by"]:
+        raise KeyboardInterrupt(f"{out['stopped_by']}: the inner run stopped after step {out['steps']}")
+    score = out["metrics"].get(f"eval/{fitness}")
+    if score is None:
+        raise ValueError(f"es_fitness={fitness!r}: the run logged no eval/{fitness} (accuracy needs the "
+                         "math_correctness reward and eval_size > 0)")
+    if not math.isfinite(score):
+        raise FloatingPointError(f"eval/{fitness} = {score}")
+    return score
+
+
 def inner_fitness(cfg):
     """fitness(x, t): the held-out score of an inner run of iteration t with the mirror x, in a temporary folder
     under output_dir that is removed afterwards."""
     def fitness(x, t):
         mirror = NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).from_vector(x)
         with tempfile.TemporaryDirectory(prefix=".candidate-", dir=cfg.output_dir, ignore_cleanup_errors=True) as d:
-            return train.held_out_score(inner_config(cfg, t, d), mirror, cfg.es_fitness)
+            return held_out_score(inner_config(cfg, t, d), mirror, cfg.es_fitness)
     return fitness
 
 
@@ -324,7 +301,7 @@ def check(cfg):
     """ValueError for a config the search cannot run."""
     if cfg.backend == "trl":
         raise ValueError("backend='trl': es.py trains its candidates on the native engine; set backend='auto'")
-    names = [r.name for r in train.resolve_rewards(cfg)]
+    names = [r.name for r in load.reward_fns(cfg)]
     if cfg.es_fitness == "accuracy" and "math_correctness" not in names:
         raise ValueError("es_fitness='accuracy' is the math_correctness reward's held-out mean: add that reward, "
                          "or set es_fitness='reward'")
@@ -344,26 +321,28 @@ def main(argv):
             for i, a in enumerate(argv)]  # a bare --resume
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the inner runs' loading bars
-    cfg = None
+    cfg, world = None, 1
     try:
-        cfg = config_lib.load(argv)
+        cfg = configurator.load(argv)
         check(cfg)
-        init_distributed(cfg)
+        if cfg.device != "cpu" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # each process's inner runs on its own GPU
+        rank, world = common.init_distributed(cfg.device, timeout_hours=24)  # ranks wait for the slowest share
         t0 = time.perf_counter()
-        state = evolve(cfg, inner_fitness(cfg))
+        state = evolve(cfg, inner_fitness(cfg), rank, world)
     except ValueError as e:
         if cfg is not None and cfg.log_level == "DEBUG":
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a stop signal: the last finished iteration is saved
-        log(f"stopped ({e or 'interrupted'}); continue with --resume", warning=True)
+        log.warning(f"stopped ({e or 'interrupted'}); continue with --resume")
         return 130
     finally:
-        if WORLD > 1:
+        if world > 1:
             import torch.distributed as dist
             dist.destroy_process_group()
-    log(f"ES: {state['iteration']} iterations in {time.perf_counter() - t0:.0f} s; best centre fitness "
+    log.info(f"ES: {state['iteration']} iterations in {time.perf_counter() - t0:.0f} s; best centre fitness "
         f"{state['best_fitness']} (iteration {state['best_iteration']}): "
         f"{os.path.join(cfg.output_dir, BEST)}; train with --mirror_path={os.path.join(cfg.output_dir, BEST)}")
     return 0

@@ -58,10 +58,21 @@ def shard(model, frozen=False):
     return root
 
 
+def call(roots, model, fn, *args, **kwargs):
+    """fn(model, *args, **kwargs); for a sharded model (roots: id(model) -> its root), as the root's forward,
+    which gathers its weights."""
+    root = roots.get(id(model))
+    return root(fn, *args, **kwargs) if root is not None else fn(model, *args, **kwargs)
+
+
 @contextlib.contextmanager
-def gathered(root):
-    """In the block, each shard group stays whole once a forward through the root has gathered it (the
-    sampler's many small forwards gather once), and every group is resharded after."""
+def gathered(roots, model):
+    """In the block, each shard group of a sharded model stays whole once a forward through its root has gathered
+    it (the sampler's many small forwards gather once), and every group is resharded after; else nothing."""
+    root = roots.get(id(model))
+    if root is None:
+        yield
+        return
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in root.modules() if isinstance(m, FSDPModule)]
     for m in mods:

@@ -1,24 +1,19 @@
 """Per-token log-probs (and entropy) of chosen tokens, straight from hidden states and the lm_head.
 
-`log_softmax(h @ W.T / T).gather(targets)` would hold a (tokens, vocab) tensor, 0.6 GB for 1k tokens
-of a 152k vocab in fp32, plus as much again for its gradient. Here the tokens go in chunks through
-one reused (chunk, vocab) float32 buffer, so the extra memory is that buffer plus W's gradient.
-
-Two ways through:
-- `token_logprobs`: forward keeps each row's log-prob, entropy and logsumexp; backward recomputes a
-  chunk's logits to form its gradient (four lm_head matmuls in all, naive autograd needs three).
-- `token_loss`: the caller's per-token loss is evaluated chunk by chunk inside the same pass, so each
-  chunk's gradient is formed while its logits are live: three matmuls, nothing recomputed.
-
-The softmax math is float32 whatever the model dtype; with `compile=True` it runs as torch.compile'd
-kernels (eager if compiling fails).
+Chunked, never a (tokens, vocab) tensor: log_softmax(h @ W.T / T).gather(targets) would hold 0.6 GB for 1k
+tokens of a 152k vocab in fp32, and as much again for its gradient. The rows go in chunks through one reused
+(chunk, vocab) float32 buffer, the softmax math in float32 whatever the model dtype. Two ways through:
+- token_logprobs: forward keeps each row's log-prob, entropy and logsumexp; backward recomputes each
+  chunk's logits for its gradient (four lm_head matmuls in all, naive autograd needs three).
+- token_loss, the fused loss: the caller's per-token loss is evaluated chunk by chunk in the same pass,
+  so each chunk's gradient is formed while its logits live: three matmuls, nothing recomputed.
 """
-import warnings
 
 import torch
 from transformers import DynamicCache
 
-_COMPILED, _FAILED = {}, set()
+from common import compiled_call
+
 
 
 def _stats_(logits, targets):
@@ -43,16 +38,8 @@ def _grad_(logp_all, targets, a, b, entropy):
 
 
 def _run(fn, compile, *args):
-    """fn(*args), through its torch.compile'd twin when asked (built once; eager if compiling fails)."""
-    if compile and fn not in _FAILED:
-        try:
-            if fn not in _COMPILED:
-                _COMPILED[fn] = torch.compile(fn, dynamic=True)
-            return _COMPILED[fn](*args)
-        except Exception as e:  # no compiler, unsupported backend, ...
-            _FAILED.add(fn)
-            warnings.warn(f"torch.compile of the log-prob kernel failed ({type(e).__name__}: {e}); running eagerly")
-    return fn(*args)
+    """fn(*args), torch.compile'd once (dynamic shapes) when asked."""
+    return compiled_call(fn, compile, *args, dynamic=True)
 
 
 def _compute_dtype(hidden):
@@ -61,28 +48,23 @@ def _compute_dtype(hidden):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
 
-def _logits(h, weight, out):
-    """out[:C] = h @ weight.T as float32 (C, V), written into the reused buffer `out`."""
+def _logits(h, temperature, weight, out):
+    """Float32 logits (C, V) of h (C, D) at `temperature`, written into out[:C], the reused buffer."""
+    h = (h / temperature).to(weight.dtype)  # 1/T folded into h costs (C, D), not (C, V)
     out = out[: h.size(0)]
-    if h.dtype == torch.float32:
-        return torch.mm(h, weight.T, out=out)
-    return out.copy_(h @ weight.T)
+    return torch.mm(h, weight.T, out=out) if h.dtype == torch.float32 else out.copy_(h @ weight.T)
 
 
 def _backprop(g, h, weight, grad_h, grad_w):
-    """Chain a chunk's logit gradient g (C, V) into grad_h (C, D) and, in place, grad_w (V, D), with the
-    matmuls in weight's dtype."""
-    dt = weight.dtype
-    if grad_h is not None:
-        if dt == grad_h.dtype == torch.float32:
-            torch.mm(g, weight, out=grad_h)
-        else:
-            grad_h.copy_(g.to(dt) @ weight)
-    if grad_w is not None:
-        if dt == torch.float32:
-            grad_w.addmm_(g.T, h.float())
-        else:
-            grad_w += (g.to(dt).T @ h.to(dt)).float()
+    """Chain a chunk's logit gradient g (C, V) into grad_h (C, D) and grad_w (V, D), matmuls in weight's dtype."""
+    if grad_h is not None and weight.dtype == grad_h.dtype == torch.float32:
+        torch.mm(g, weight, out=grad_h)
+    elif grad_h is not None:
+        grad_h.copy_(g.to(weight.dtype) @ weight)
+    if grad_w is not None and weight.dtype == torch.float32:
+        grad_w.addmm_(g.T, h.float())
+    elif grad_w is not None:
+        grad_w += (g.to(weight.dtype).T @ h.to(weight.dtype)).float()
 
 
 def _chunks(n, chunk_size):
@@ -94,15 +76,13 @@ class ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, compile):
-        n, dt = hidden.size(0), _compute_dtype(hidden)
-        w = weight.to(dt)
+        n, w = hidden.size(0), weight.to(_compute_dtype(hidden))
         buf = torch.empty(min(chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
         logp, entropy, lse = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
-        for s in _chunks(n, chunk_size):  # 1/T folded into h costs (C, D), not (C, V)
-            logp[s], entropy[s], lse[s] = _run(_stats_, compile, _logits((hidden[s] / temperature).to(dt), w, buf),
-                                               targets[s])
+        for s in _chunks(n, chunk_size):
+            logp[s], entropy[s], lse[s] = _run(_stats_, compile, _logits(hidden[s], temperature, w, buf), targets[s])
         ctx.save_for_backward(hidden, weight, targets, entropy, lse)
-        ctx.temperature, ctx.chunk_size, ctx.compile, ctx.dtype = temperature, chunk_size, compile, dt
+        ctx.temperature, ctx.chunk_size, ctx.compile, ctx.dtype = temperature, chunk_size, compile, w.dtype
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -117,7 +97,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         buf = torch.empty(min(ctx.chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
         for s in _chunks(n, ctx.chunk_size):
-            logp_all = _logits((hidden[s] / t).to(ctx.dtype), w, buf).sub_(lse[s, None])  # recomputed: (C, V)
+            logp_all = _logits(hidden[s], t, w, buf).sub_(lse[s, None])  # recomputed: (C, V)
             g = _run(_grad_, ctx.compile, logp_all, targets[s], a[s], None if b is None else b[s], entropy[s])
             _backprop(g, hidden[s], w, None if grad_h is None else grad_h[s], grad_w)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
@@ -128,15 +108,14 @@ class ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, loss_fn, temperature, chunk_size, compile):
-        n, dt = hidden.size(0), _compute_dtype(hidden)
-        w = weight.to(dt)
+        n, w = hidden.size(0), weight.to(_compute_dtype(hidden))
         buf = torch.empty(min(chunk_size, n), w.size(0), device=hidden.device, dtype=torch.float32)
         logp, entropy = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(2))
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for s in _chunks(n, chunk_size):
-            logits = _logits((hidden[s] / temperature).to(dt), w, buf)
+            logits = _logits(hidden[s], temperature, w, buf)
             logp[s], entropy[s], _ = _run(_stats_, compile, logits, targets[s])  # logits is now log-softmax
             with torch.enable_grad():
                 lp = logp[s].detach().requires_grad_()
@@ -160,29 +139,23 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, co
 
 
 def token_loss(hidden, weight, targets, loss_fn, temperature=1.0, chunk_size=1024, compile=False):
-    """The fused loss path: (loss, logp (N,), entropy (N,)), loss = sum over chunks of loss_fn(logp[s], s).
+    """The fused loss: (loss, detached logp (N,), entropy (N,)); loss = sum over chunks s of loss_fn(logp[s], s).
 
-    loss_fn(logp (C,), s: slice of rows) -> scalar must be a sum of per-row terms, each depending on
-    its own logp only (the GRPO surrogate and regulariser are); its gradient reaches hidden and
-    weight through backward of `loss`. logp and entropy come back detached, for the metrics.
-    """
+    loss_fn(logp (C,), s: slice of rows) -> scalar must sum per-row terms of each row's own logp (GRPO's loss does)."""
     return ChunkedLoss.apply(hidden, weight, targets, loss_fn, float(temperature), int(chunk_size), bool(compile))
 
 
 def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group=1):
     """Decoder states before each kept completion token (M, D), their targets (M,) and the mask (B, T).
 
-    prompt_*: (B, P), left padded; completion_*: (B, T). With group G > 1, rows i*G ... i*G + G - 1
-    share one prompt: it runs once and its keys/values are repeated for the G completions (gradients
-    flow through them), instead of one decoder pass over every prompt+completion row.
-    """
+    prompt_*: (B, P), left padded; completion_*: (B, T). With group G > 1, rows i*G ... i*G + G - 1 share
+    one prompt: it runs once and its keys/values (gradients flow through them) serve the G completions."""
     mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+T)
     pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     p = prompt_ids.size(1)
     if group == 1:
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                  use_cache=False).last_hidden_state[:, p - 1:-1]  # (B, T, D)
+        hidden = model.base_model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=mask,
+                                  position_ids=pos, use_cache=False).last_hidden_state[:, p - 1:-1]  # (B, T, D)
     else:
         cache = DynamicCache()
         last = model.base_model(input_ids=prompt_ids[::group], attention_mask=prompt_mask[::group],
@@ -212,10 +185,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 def completion_loss(model, prompt_ids, prompt_mask, completion_ids, completion_mask, loss_fn,
                     temperature=1.0, chunk_size=1024, compile=False, group=1):
-    """The fused loss over completions: (loss, logp (B, T), entropy (B, T)), the last two detached.
-
-    loss_fn(logp (C,), s) sees the kept tokens (completion_mask == 1) in row-major order; s slices them.
-    """
+    """token_loss over completions: (loss, logp (B, T), entropy (B, T)); loss_fn sees kept tokens row-major."""
     h, targets, keep = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group)
     loss, logp, ent = token_loss(h, model.get_output_embeddings().weight, targets, loss_fn, temperature,
                                  chunk_size, compile)

@@ -1,23 +1,21 @@
-"""Manual LoRA: wrap target linears, scale alpha/r, dropout, adapters on/off, merge, PEFT's file layout.
+"""Manual LoRA with PEFT's numerics and file layout: inject, adapters on/off, save and load.
 
-A wrapped linear computes  y = W x + (B A dropout(x)) * scaling,  scaling = alpha/r (alpha/sqrt(r)
-with rslora), W frozen in the base dtype, A (r x in) and B (out x r) trainable in fp32. B starts at
-zero, so the adapted model equals the base at step 0, and with the adapters off (`adapters_off`) the
-model *is* the base: the reference policy costs no copy.
-
-Adapters are saved as PEFT saves them (adapter_config.json + adapter_model.safetensors with keys
-`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads ours and
-`load_adapter` loads PEFT's. `export_merged` writes a plain transformers model with B A folded in.
+A wrapped linear computes  W x + (B A dropout(x)) * scaling  (scaling = alpha/r, alpha/sqrt(r) with rslora), W frozen
+in the base dtype, A and B trainable in fp32. B starts at zero, so the adapted model is the base at step 0; with
+the adapters off it *is* the base: the reference policy costs no copy. PeftModel loads our files, load_adapter PEFT's.
 """
 import contextlib
 import json
 import math
 import os
+import pathlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from common import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,40 +35,18 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer.requires_grad_(False)
         self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=device))  # (r, in) fp32
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=device))  # (out, r) fp32
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=base_layer.weight.device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=base_layer.weight.device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT (and nn.Linear)
         self.enabled = True  # False: base only (see adapters_off)
-        self.merged = False  # True: scaling * B A is in base_layer.weight
 
     def forward(self, x):  # x (..., in) -> (..., out) in the base's output dtype
         out = self.base_layer(x)
-        if self.merged or not self.enabled:
+        if not self.enabled:
             return out
         h = F.dropout(x.to(self.lora_A.dtype), self.dropout, self.training)  # (..., in) fp32
         h = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., r) -> (..., out)
         return (out + h * self.scaling).to(out.dtype)  # one rounding to a bf16 base, as PEFT
-
-    def delta_weight(self):
-        """scaling * B @ A, (out, in) in fp32."""
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-    @torch.no_grad()
-    def merge(self):
-        """Add the update into the base weight (in its dtype: lossy in bf16); forward then skips the adapter."""
-        if not self.enabled:
-            raise RuntimeError("cannot merge while the adapters are off (inside adapters_off)")
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        """Subtract the update again (exact in fp32 up to round-off, approximate in bf16)."""
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
@@ -90,11 +66,6 @@ def lora_parameters(model):
     return [(n, p) for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
 
 
-def _output_embedding(model):
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if get is not None else None
-
-
 def inject(model, targets=DEFAULT_TARGETS, r=64, alpha=64, dropout=0.05, rslora=False):
     """Wrap every nn.Linear whose last name component is in `targets` ("all-linear": every one but the
     output embedding) in a LoRALinear, in place; freeze all other parameters. Returns the wrapped names."""
@@ -109,7 +80,7 @@ def inject(model, targets=DEFAULT_TARGETS, r=64, alpha=64, dropout=0.05, rslora=
     all_linear = targets == "all-linear"
     if not all_linear and (isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets)):
         raise ValueError(f"LoRA targets must be 'all-linear' or a list of module names, got {targets!r}")
-    head = _output_embedding(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
     available = sorted({name.rpartition(".")[2] for name in linears})
     if not all_linear:
@@ -142,8 +113,6 @@ def _layers_or_raise(model, what):
 def adapters_off(model):
     """Within the block the model is its base (adapters skipped); the switches are restored on exit."""
     layers = list(_layers_or_raise(model, "adapters_off").values())
-    if any(m.merged for m in layers):
-        raise RuntimeError("adapters_off: the adapters are merged into the base weights; call unmerge(model) first")
     enabled = [m.enabled for m in layers]
     for m in layers:
         m.enabled = False
@@ -154,64 +123,29 @@ def adapters_off(model):
             m.enabled = e
 
 
-def merge(model):
-    """Fold every adapter into its base weight (faster inference; training through it is then wrong)."""
-    for m in _layers_or_raise(model, "merge").values():
-        m.merge()
-
-
-def unmerge(model):
-    for m in _layers_or_raise(model, "unmerge").values():
-        m.unmerge()
-
-
-def _hyper(layers):
-    """The (r, alpha, dropout, rslora) shared by all layers."""
-    hyper = {(m.r, m.alpha, m.dropout, m.rslora) for m in layers.values()}
-    if len(hyper) != 1:
-        raise ValueError(f"LoRA layers with different (r, alpha, dropout, rslora): {sorted(hyper)}")
-    return hyper.pop()
-
-
-def _replace_write(path, write):
-    """write(tmp) then rename onto path: a reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_adapter(model, folder, base_model_name_or_path=None, state_dict=None):
     """Write adapter_model.safetensors then adapter_config.json to `folder`, as PEFT's save_pretrained.
     `state_dict` (the model's, e.g. gathered from FSDP shards) is read instead of the model's own tensors."""
     layers = _layers_or_raise(model, "save_adapter")
-    r, alpha, dropout, rslora = _hyper(layers)
+    hyper = {(m.r, m.alpha, m.dropout, m.rslora) for m in layers.values()}
+    if len(hyper) != 1:
+        raise ValueError(f"LoRA layers with different (r, alpha, dropout, rslora): {sorted(hyper)}")
+    r, alpha, dropout, rslora = hyper.pop()
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    tensors = {}
-    for name, m in layers.items():
-        a, b = (m.lora_A, m.lora_B) if state_dict is None else (state_dict[f"{name}.lora_A"], state_dict[f"{name}.lora_B"])
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous()  # (r, in)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous()  # (out, r)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
-        "target_modules": sorted({name.rpartition(".")[2] for name in layers}), "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {},
-    }
+    source = dict(lora_parameters(model)) if state_dict is None else state_dict
+    tensors = {f"{PREFIX}{name}.{ab}.weight": source[f"{name}.{ab}"].detach().to("cpu").contiguous()
+               for name in layers for ab in ("lora_A", "lora_B")}  # A (r, in), B (out, r)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "revision": None, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
+              "target_modules": sorted({name.rpartition(".")[2] for name in layers}), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+              "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+              "rank_pattern": {}, "alpha_pattern": {}}
     os.makedirs(folder, exist_ok=True)
-    _replace_write(os.path.join(folder, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-
-    def write_config(path):
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-    _replace_write(os.path.join(folder, CONFIG_NAME), write_config)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: pathlib.Path(p).write_text(text))
 
 
 def read_adapter_config(folder):
@@ -219,8 +153,7 @@ def read_adapter_config(folder):
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
-    with open(path) as f:
-        config = json.load(f)
+    config = json.loads(pathlib.Path(path).read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
     bad = {k: config[k] for k, ok in UNSUPPORTED.items() if k in config and config[k] not in ok}
@@ -247,11 +180,8 @@ def load_adapter(model, folder):
         if (m.r, m.alpha, m.rslora) != (r, alpha, rslora):
             raise ValueError(f"{folder} has r={r}, alpha={alpha}, rslora={rslora} but {name} has "
                              f"r={m.r}, alpha={m.alpha}, rslora={m.rslora}")
-        if m.merged:
-            raise RuntimeError("load_adapter: the adapters are merged; call unmerge(model) first")
     tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
-    params = {f"{PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}")
-              for name, m in layers.items() for ab in "AB"}
+    params = {f"{PREFIX}{name}.weight": p for name, p in lora_parameters(model)}  # as save_adapter names them
     missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or unexpected:
         raise ValueError(f"{folder} does not match the model's adapters: {len(missing)} missing keys {missing[:3]}, "
@@ -263,53 +193,3 @@ def load_adapter(model, folder):
         for key, p in params.items():
             p.copy_(tensors[key])
     return config
-
-
-def _merged_linear(m):
-    """A plain nn.Linear equal to the adapted layer; the base weight is not touched."""
-    base = m.base_layer
-    if m.merged:
-        return base
-    linear = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
-    with torch.no_grad():
-        linear.weight = nn.Parameter(base.weight + m.delta_weight().to(base.weight.dtype), requires_grad=False)
-    linear.bias = base.bias
-    return linear
-
-
-def export_merged(model, folder, tokenizer=None):
-    """save_pretrained a plain model with every adapter folded into its linear (the live model is unchanged)."""
-    layers = _layers_or_raise(model, "export_merged")
-    try:
-        for name, m in layers.items():
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, _merged_linear(m))
-        model.save_pretrained(folder)
-    finally:
-        for name, m in layers.items():
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, m)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-def merge_main(argv):
-    """python lora.py merge ADAPTER_FOLDER OUT_FOLDER [BASE]: a plain transformers model with the adapter
-    folded in (BASE defaults to the adapter's base_model_name_or_path)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    adapter, out = argv[0], argv[1]
-    base = argv[2] if len(argv) > 2 else read_adapter_config(adapter).get("base_model_name_or_path")
-    if not base:
-        raise SystemExit(f"{adapter} names no base model: give it as the third argument")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    load_adapter(model, adapter)
-    tokenizer_from = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base
-    export_merged(model, out, AutoTokenizer.from_pretrained(tokenizer_from))
-    print(f"merged {adapter} into {base}: {out}")
-
-
-if __name__ == "__main__":
-    import sys
-    if len(sys.argv) not in (4, 5) or sys.argv[1] != "merge":
-        sys.exit("usage: python lora.py merge ADAPTER_FOLDER OUT_FOLDER [BASE_MODEL]")
-    merge_main(sys.argv[2:])

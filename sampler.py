@@ -1,50 +1,44 @@
-"""KV-cached batched sampling over any transformers causal LM.
-
-The left-padded prompts are prefilled once; their cache is repeated for the G samples of each
-prompt; then one token per step for all rows, each row stopping at EOS or max_new_tokens.
-Noise comes from a generator the caller seeds (seed, step, rank), a few uniforms per row per step;
-each becomes a token by inverse-CDF, so runs reproduce and no two rows share noise. Top-p needs no
-sort of the vocabulary: draws from the whole law are kept only inside the nucleus.
-
-Llama-family decoders (llama, qwen2, qwen3) decode through a short hand-written step over the model's
-own modules (so LoRA layers and FSDP's gathered weights are used as they are) and preallocated
-keys/values: no per-step cache concatenation, mask building or generic forward dispatch, which cost
-more than the matmuls at small shapes. Any other model decodes through its own forward.
+"""KV-cached batched sampling over any transformers causal LM, in the stages of gpt-fast's generate.py and
+nanochat's engine.py:
+1. prefill the B left-padded prompts once;
+2. share their keys/values across the G samples of each prompt (N = B*G rows);
+3. decode one token per step for all rows (the step torch.compile'd once, in _run, if asked): Llama-family
+   models (LEAN_TYPES) through _lean_decode, a short step over the model's own modules (LoRA and FSDP's gathered
+   weights used as they are) and preallocated keys/values, without the per-step cache concatenation, mask
+   building and generic dispatch that cost more than the matmuls at small shapes; others through their forward;
+4. stop each row at EOS or max_new_tokens.
+Noise comes from a generator the caller seeds (seed, step, rank): a few uniforms per row per step, each made a
+token by inverse-CDF (see next_token), so runs reproduce and no two rows share noise.
 """
 import math
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
+from common import compiled_call
+
 EOS_CHECK_EVERY = 8  # decode steps between the host syncs that test whether every row has stopped
 CACHE_BUCKET = 64  # a compiled step's cache length is rounded up to this, so it sees few shapes
 LEAN_TYPES = ("llama", "qwen2", "qwen3")  # model types _lean_decode reproduces
-_COMPILED, _FAILED = {}, set()
 
 
 def positions(attention_mask):
     """Position ids of left-padded rows: 0 at each row's first real token (pads get 1, as in generate)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
 def draws_per_row(top_p):
-    """Proposals per row for top-p: each lands in the nucleus with probability >= top_p, so all of them
-    miss with probability < 1e-12. At most 1024: below top_p 0.03 a miss (then the argmax) gets
-    likelier, 3e-5 at top_p 0.01."""
+    """Proposals per row for top-p: each lands in the nucleus with probability >= top_p, so all miss with
+    probability < 1e-12. At most 1024: below top_p 0.03 a miss (then the argmax) gets likelier, 3e-5 at 0.01."""
     return 1 if top_p >= 1.0 else min(1024, math.ceil(math.log(1e-12) / math.log1p(-top_p)))
 
 
 def in_nucleus(probs, draws, top_p):
-    """(N, K) bool: whether each drawn token (N, K) is in its row's top-p nucleus: the tokens more
-    probable than it hold less than top_p. That is the smallest head of the sorted law whose mass
-    reaches top_p, except that tokens tied at its edge are all kept.
-
-    No sort of the vocabulary: a bisection over the K drawn probabilities, each probe one masked sum.
-    """
+    """(N, K) bool: whether each drawn token (N, K) is in its row's top-p nucleus, i.e. the tokens more probable
+    than it hold less than top_p: the smallest head of the sorted law whose mass reaches top_p, ties at its edge
+    all kept. No sort of the vocabulary: a bisection over the K drawn probabilities, each probe one masked sum."""
     p = probs.gather(-1, draws)  # (N, K)
     bounds, k = p.sort(-1).values, p.size(-1)
     lo = torch.zeros_like(draws[:, :1])  # the first sorted bound inside the nucleus lies in [lo, hi]
@@ -62,11 +56,8 @@ def in_nucleus(probs, draws, top_p):
 def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, greedy=False, u=None):
     """One token per row from last-position logits (N, V): argmax, or a filtered sample.
 
-    The noise is `u` (N, draws_per_row(top_p)), or drawn from `generator`: each uniform gives a token of
-    the (top-k filtered) law by inverse-CDF, and the first draw inside the top-p nucleus (see
-    in_nucleus) is the sample: rejection sampling, so exactly the renormalised nucleus, or the argmax
-    if every draw missed (see draws_per_row).
-    """
+    Each uniform of `u` (N, draws_per_row(top_p)), or of `generator`, is a token of the (top-k filtered) law by
+    inverse-CDF; the first inside the top-p nucleus is the sample (rejection: exactly the nucleus), else the argmax."""
     if greedy:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -95,27 +86,23 @@ def _choose(logits, u, temperature, top_p, top_k, greedy, with_logp):
 
 
 def _decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp):
-    """One decode step through the model's forward: feed `token` (N,) at `pos` (N, 1), choose the next one;
-    see _choose."""
+    """One decode step through the model's forward: feed `token` (N,) at `pos` (N, 1), _choose the next one."""
     logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache,
                    use_cache=True).logits[:, -1]
     return _choose(logits, u, temperature, top_p, top_k, greedy, with_logp)
 
 
 def lean(model):
-    """Whether _lean_decode reproduces the model's forward: a Llama-family decoder with full attention in
-    every layer."""
+    """Whether _lean_decode reproduces the model's forward: a Llama-family decoder, full attention in every layer."""
     inner = getattr(model, "model", None)
     return (getattr(model.config, "model_type", None) in LEAN_TYPES and hasattr(model, "lm_head")
             and hasattr(inner, "rotary_emb")
             and all(getattr(layer.self_attn, "sliding_window", None) is None for layer in inner.layers))
 
 
-def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp,
-                 at, length):
-    """One decode step of a Llama-family model (see lean) over preallocated keys/values: `token` (N,) at
-    `pos` (N, 1) is written to cache position `at` (1,), and attention reads positions [0, length).
-    cache: per layer (keys, values), each (N, kv heads, L, head dim); attention_mask: (N, L)."""
+def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp, at, length):
+    """_decode over preallocated keys/values (see lean): `token` (N,) at `pos` (N, 1) goes to cache position `at`
+    (1,), attention reads [0, length). cache: per layer (keys, values), each (N, kv heads, L, head dim)."""
     inner = model.model
     x = inner.embed_tokens(token[:, None])  # (N, 1, C)
     n = x.size(0)
@@ -140,13 +127,9 @@ def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p
     return _choose(logits, u, temperature, top_p, top_k, greedy, with_logp)
 
 
-def _compiled(fn):
-    """fn through torch.compile (built once), or None after a failed compile."""
-    if fn in _FAILED:
-        return None
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)  # fails whole or runs whole
-    return _COMPILED[fn]
+def _run(fn, compile, *args):
+    """fn(*args), torch.compile'd once at a fixed shape when asked: it fails whole or runs whole."""
+    return compiled_call(fn, compile, *args, dynamic=False, fullgraph=True)
 
 
 def _static_cache(model, prefill, num_samples, length):
@@ -158,8 +141,7 @@ def _static_cache(model, prefill, num_samples, length):
 
 
 def _buffers(prefill, num_samples, length):
-    """Per layer (keys, values), each (N, kv heads, length, head dim): the prefill's repeated per sample, then
-    zeros for the positions to come."""
+    """Per layer (keys, values) (N, kv heads, length, head dim): the prefill's, repeated per sample, then zeros."""
     def grow(x):  # (B, kv heads, P, head dim)
         buf = x.new_zeros(x.size(0) * num_samples, x.size(1), length, x.size(3))
         buf[:, :, : x.size(2)] = x.repeat_interleave(num_samples, 0)
@@ -171,36 +153,28 @@ def _buffers(prefill, num_samples, length):
 def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pad_token_id,
            num_samples=1, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None,
            return_logprobs=False, compile=False, noise_rows=None):
-    """Sample `num_samples` completions for each of B left-padded prompts.
+    """Sample G = `num_samples` completions for each of B left-padded prompts, input_ids and attention_mask (B, P).
 
-    input_ids, attention_mask: (B, P). Returns completion ids and mask, both (B*num_samples, T) with
-    T <= max_new_tokens; the rows of prompt i are i*num_samples ... i*num_samples + G - 1. The mask
-    is 1 up to and including each row's EOS; after it, ids are pad_token_id. With return_logprobs,
-    also the (N, T) float32 log-prob of each drawn token under softmax(logits / temperature), the
-    quantity the learner recomputes.
-
-    compile runs each decode step torch.compile'd at a fixed shape (a preallocated cache, attention over
-    all of it), eagerly if compiling fails. It does not change the law; the tokens agree up to rounding
-    in the compiled kernels.
-    noise_rows=(offset, total): each step draws (total, K) uniforms and these rows take rows offset ...
-    offset + N of them, so that processes that share one generator seed and split one batch draw what a
-    single process would (train.py under torchrun); default (0, N).
-    """
+    Returns completion ids and mask (N, T), T <= max_new_tokens, the rows of prompt i being i*G ... i*G + G - 1;
+    the mask is 1 up to and including each row's EOS, after which ids are pad_token_id. return_logprobs adds
+    the (N, T) float32 log-prob of each drawn token under softmax(logits / temperature), as the learner recomputes it.
+    compile (a preallocated cache, attention over all of it) keeps the law: tokens agree up to kernel rounding.
+    noise_rows=(offset, total): each step draws (total, K) uniforms, of which these rows take offset ... offset
+    + N - 1, so processes sharing a seed and splitting one batch draw what one process would; default (0, N)."""
     dev = input_ids.device
     eos = torch.as_tensor(eos_token_id, device=dev).flatten()  # one or several stop ids
     b, p = input_ids.shape
     n = b * num_samples
-    prefill = DynamicCache()
+    prefill = DynamicCache()  # 1. prefill
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                    cache=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V); fills `prefill`
-    logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
+    logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V); 2. share the prompts across their G samples
     attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)  # (N, P)
     pos = positions(attention_mask)[:, -1:]  # (N, 1)
     fast = lean(model)
     fn = _lean_decode if fast else _decode
-    step = _compiled(fn) if compile else None
     length = -(-(p + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET if compile else p + max_new_tokens
-    if fast:
+    if fast:  # the prompts' keys/values, preallocated for the lean or the compiled step, else repeated in place
         cache = _buffers(prefill, num_samples, length)
     elif compile:
         cache = _static_cache(model, prefill, num_samples, length)
@@ -219,13 +193,12 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
 
     def noise():  # (N, K) uniforms for one step; greedy needs none
         return None if greedy else torch.rand(total, k, generator=generator, device=dev)[first:first + n]
-
     token, logp = _choose(logits, noise(), temperature, top_p, top_k, greedy, return_logprobs)
-    for t in range(max_new_tokens):
+    for t in range(max_new_tokens):  # 3. decode
         tokens[:, t] = token.masked_fill(done, pad_token_id)
         if return_logprobs:
             logps[:, t] = logp
-        done = done | torch.isin(token, eos)
+        done = done | torch.isin(token, eos)  # 4. stop: each row at its EOS, the loop once all have
         if t == max_new_tokens - 1 or (t % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(done.all())):
             break
         if cache is prefill:
@@ -236,20 +209,10 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
         args = (model, token, attention_mask, pos, cache, noise(), temperature, top_p, top_k, greedy, return_logprobs)
         if fast:  # where `token` goes, and how far attention reads (all of a compiled step's fixed-size cache)
             args += (where[t : t + 1], length if compile else p + t + 1)
-        if step is not None:
-            try:
-                token, logp = step(*args)
-                continue
-            except Exception as e:  # no compiler, unsupported backend, ...
-                _FAILED.add(fn)
-                step = None
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); running eagerly")
-        token, logp = fn(*args)
+        token, logp = _run(fn, compile, *args)
     tokens = tokens[:, : t + 1]  # (N, T)
     mask = completion_mask(tokens, eos)
-    if return_logprobs:
-        return tokens, mask, logps[:, : t + 1] * mask
-    return tokens, mask
+    return (tokens, mask, logps[:, : t + 1] * mask) if return_logprobs else (tokens, mask)
 
 
 def completion_mask(tokens, eos):

@@ -22,8 +22,9 @@ import time
 import torch
 
 import config
+import configurator
 import es
-import mirror
+import logs
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,7 +83,7 @@ def main(argv):
     os.makedirs(DOCS, exist_ok=True)
     learned = os.path.join(DOCS, "best_mirror.safetensors")
     shutil.copyfile(os.path.join(es_dir, es.BEST), learned)
-    base = config.load(["--config", CONFIG])
+    base = configurator.load(["--config", CONFIG])
     results = {}
     for name, overrides in arms(learned):
         r = results[name] = {"accuracy": [], "penalty": [], "seconds": []}
@@ -102,8 +103,8 @@ def main(argv):
         json.dump({"seeds": seeds, "es_seconds": es_seconds, "arms": results, "es_history": state["history"]}, f,
                   indent=1)
     try:
-        mirror.plot([learned], os.path.join(DOCS, "mirror.png"))
-        mirror.plot([learned], os.path.join(DOCS, "mirror_weighted.png"), base.mirror_coefficient, base.beta)
+        logs.plot_mirror([learned], os.path.join(DOCS, "mirror.png"))
+        logs.plot_mirror([learned], os.path.join(DOCS, "mirror_weighted.png"), base.mirror_coefficient, base.beta)
     except ValueError as e:
         print(f"no plot: {e}", file=sys.stderr)
     return 0

@@ -20,7 +20,9 @@ from packaging.version import Version
 from transformers import TrainerCallback
 
 import checkpoint as checkpoint_lib
-import data
+import common
+import load
+import logs
 import lora
 import rewards as rewards_lib
 from mirror import NeuralMirror, divergence
@@ -36,7 +38,6 @@ except ImportError:  # trl is an optional extra
 if not Version("1.16") <= Version(trl.__version__) < Version("1.17"):
     raise ValueError(f"backend='trl' is tested with trl 1.16, found {trl.__version__}: {INSTALL}")
 
-METRIC = {"neural_mirror": "bregman", "kl": "kl", "prob_l2": "prob_l2"}  # train.py's names
 TRL_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")  # not dataset columns
 RENAME = {"learning_rate": "lr", "frac_reward_zero_std": "frac_zero_std_groups",
           "completions/mean_length": "completion_length", "completions/max_length": "completion_length_max",
@@ -84,13 +85,8 @@ class NMGRPOTrainer(GRPOTrainer):
 
     def _generate_single_turn(self, *args, **kwargs):
         """TRL's sampling with the model in eval mode: no LoRA dropout while sampling, as in the native sampler."""
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        try:
+        with common.eval_mode(self.accelerator.unwrap_model(self.model)):
             return super()._generate_single_turn(*args, **kwargs)
-        finally:
-            model.train(was_training)
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -126,7 +122,7 @@ class NMGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]  # (B, T)
         totals = self.accelerator.reduce(torch.stack([(div.detach() * mask).sum(), mask.sum().float()]), "sum")
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode][METRIC[self.divergence_type]].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        self._metrics[mode][logs.DIVERGENCE_METRIC[self.divergence_type]].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss + self.divergence_weight * self._aggregate(div, mask, inputs)
 
     def _aggregate(self, x, mask, inputs):
@@ -191,10 +187,7 @@ def check(cfg, device):
     if device.type == "cuda" and cfg.device not in ("auto", "cuda", "cuda:0"):
         raise ValueError(f"device={cfg.device!r}: backend='trl' runs where accelerate puts it; pick the GPU with "
                          "CUDA_VISIBLE_DEVICES and set device='cuda'")
-    if not cfg.resume and (checkpoint_lib.checkpoints(cfg.output_dir) or
-                           os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl"))):
-        raise ValueError(f"output_dir={cfg.output_dir!r} holds an earlier run: continue it with --resume=latest, "
-                         "or give a new output_dir")
+    load.check_fresh(cfg)
     resume_from(cfg)
 
 
@@ -228,8 +221,8 @@ def grpo_config(cfg, total_steps, device, amp_dtype, reward_weights, has_eval, *
         num_generations_eval=1)
     clash = sorted(set(grpo_args) & set(ours))
     if clash:
-        raise ValueError(f"GRPOConfig field {clash[0]!r} is set from the config's knobs (see the README's mapping "
-                         "table): set the knob instead")
+        raise ValueError(f"GRPOConfig field {clash[0]!r} is set from the config's knobs (see the mapping table in "
+                         "docs/trl.md): set the knob instead")
     if grpo_args.get("use_vllm") and cfg.use_lora:
         raise ValueError("use_vllm=True syncs the weights by name, which our LoRA layers do not match: use vLLM with "
                          "full fine-tuning (use_lora=False)")
@@ -240,40 +233,32 @@ def build_trainer(cfg, callbacks=(), **grpo_args):
     """An NMGRPOTrainer for a Config, checked before anything is written; its MetricsFile callback is
     trainer.metrics_file. `callbacks`: your TRL callbacks; `grpo_args`: GRPOConfig fields no knob sets, e.g.
     build_trainer(cfg, use_vllm=True, vllm_mode="colocate") or push_to_hub=True, hub_model_id=..."""
-    import train
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate's processes
+    common.configure_logging(cfg.log_level, int(os.environ.get("RANK", "0")))
     torch.manual_seed(cfg.seed)  # the LoRA initialisation, as the native loop seeds it
-    device, amp_dtype = train.resolve_device(cfg)
+    device, amp_dtype = load.device_and_dtype(cfg)
     check(cfg, device)
-    reward_fns = train.resolve_rewards(cfg, device)
-    model, tokenizer = train.load_policy(cfg, device, amp_dtype)
-    if cfg.use_lora and cfg.gradient_checkpointing:  # the frozen embeddings give no grad to checkpoint through
-        model.enable_input_require_grads()
-    prompt_cap = train.checked_prompt_cap(cfg, model)
-    train_set, eval_set = train.load_task(cfg, reward_fns)
-    originals = {}
+    reward_fns = load.reward_fns(cfg, device)
+    model, tokenizer = load.policy(cfg, device, amp_dtype)
+    prompt_cap = load.prompt_cap(cfg, model)
+    train_set, eval_set = load.task(cfg, tokenizer, reward_fns, world)
+    originals = {ex["text"]: ex["prompt"] for ex in train_set + eval_set}
 
     def dataset(examples):  # the rendered prompt as `prompt`; the reference and every other column as they are
-        rows = []
-        for ex in examples:
-            text = data.render_prompt(tokenizer, ex["prompt"], cfg.system_prompt, cfg.enable_thinking)
-            originals[text] = ex["prompt"]
-            rows.append({**ex, "prompt": text})
+        rows = [{**{k: v for k, v in ex.items() if k != "text"}, "prompt": ex["text"]} for ex in examples]
         return Dataset.from_list(rows) if rows else None
 
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * len(train_set) / cfg.batch_size)
-    mirror = NeuralMirror.load(cfg.mirror_path) if cfg.mirror_path else NeuralMirror(cfg.mirror_init_scale,
-                                                                                       cfg.mirror_seed)
+    total_steps = load.total_steps(cfg, len(train_set), world)
     metrics = MetricsFile(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.num_iterations)
     trainer = NMGRPOTrainer(
         model, reward_funcs=[reward_function(r, originals) for r in reward_fns],
         args=grpo_config(cfg, total_steps, device, amp_dtype, [r.weight for r in reward_fns], bool(eval_set),
                          **grpo_args),
         train_dataset=dataset(train_set), eval_dataset=dataset(eval_set), processing_class=tokenizer,
-        optimizers=(train.build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad]), None),
-        callbacks=[metrics, *callbacks],
-        divergence_type=cfg.divergence_type, mirror=mirror, prompt_cap=prompt_cap,
+        optimizers=(load.optimizer(cfg, model), None), callbacks=[metrics, *callbacks],
+        divergence_type=cfg.divergence_type, mirror=load.mirror(cfg), prompt_cap=prompt_cap,
         divergence_weight=cfg.beta if cfg.divergence_type == "kl" else cfg.mirror_coefficient)
     trainer.metrics_file = metrics
     if cfg.log_level in ("WARNING", "ERROR"):  # no metrics lines on the console
@@ -289,7 +274,6 @@ class MetricsFile(TrainerCallback):
         self.path, self.num_iterations, self.last, self.evals = path, num_iterations, {}, []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        import train
         if not logs or "train_runtime" in logs:  # the run's closing summary
             return
         row = {"step": math.ceil(state.global_step / self.num_iterations), **{ours(k): v for k, v in logs.items()}}
@@ -298,7 +282,7 @@ class MetricsFile(TrainerCallback):
                 row[f"{prefix}accuracy"] = row[f"{prefix}rewards/math_correctness"]
         if state.is_world_process_zero:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            train.append_jsonl(self.path, [row])
+            common.append_jsonl(self.path, [row])
         if "eval/reward" in row:
             self.evals.append(row)
             self.last.update(row)
@@ -338,21 +322,16 @@ def fit(trainer, cfg):
     """trainer.train() (continuing from cfg.resume), then the held-out prompts once at the end when TRL's eval
     schedule is off (eval_steps 0; otherwise TRL evaluates the last step); the result dict train.fit returns: the last metrics row, the last checkpoint (TRL's
     checkpoint-N folder, N counting optimizer updates), steps, best eval."""
-    import train as native
     resume = resume_from(cfg)
     if cfg.resume and trainer.accelerator.is_main_process:  # rows after the checkpoint are logged again
         step = int(os.path.basename(resume).split("-")[-1]) // cfg.num_iterations if resume else -1
-        native.truncate_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), step)
+        common.truncate_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), "step", step)
     trainer.accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
     updates = trainer.state.global_step
     if trainer.eval_dataset is not None and trainer.args.eval_strategy == "no":  # else TRL evaluated the last step
         trainer.evaluate()
-    evals = trainer.metrics_file.evals
-    key = "eval/accuracy" if any("eval/accuracy" in e for e in evals) else "eval/reward"
-    best = max(evals, key=lambda e: e.get(key, float("-inf")), default=None)
     last = checkpoint_lib.checkpoints(cfg.output_dir)
     return {"metrics": trainer.metrics_file.last, "checkpoint": last[-1] if last else None,
             "output_dir": cfg.output_dir, "steps": updates // cfg.num_iterations, "skipped_steps": 0,
-            "best_eval": best and {k: v for k, v in best.items() if k == "step" or k.startswith("eval/")},
-            "stopped_by": None}
+            "best_eval": load.best_eval(trainer.metrics_file.evals), "stopped_by": None}

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import coldstart  # noqa: E402
 import data  # noqa: E402
+import tasks  # noqa: E402
 
 dataset_name = "toy"
 max_samples = 2000
@@ -20,7 +21,7 @@ seed = 0
 _, _held_out = data.load_examples(dataset_name, max_samples=max_samples, eval_size=eval_size, seed=seed)
 model_name = coldstart.prepare(
     os.path.join(os.path.expanduser("~"), ".cache", "nmgrpo", "demo-coldstart-v4"),
-    data.toy_task(3000, seed=1), exclude=[ex["prompt"] for ex in _held_out], steps=600, label_noise=0.7,
+    tasks.toy_task(3000, seed=1), exclude=[ex["prompt"] for ex in _held_out], steps=600, label_noise=0.7,
     layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16)
 
 device = "cpu"

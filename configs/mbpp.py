@@ -4,7 +4,8 @@
 
 The MBPP preset turns each task into a prompt that names the function and shows its first test;
 code_correctness runs the completion's code against all of the task's asserts in a sandboxed process
-(see rewards.py), and code_syntax adds a small shaping term for code that at least parses.
+(the reward is in rewards_code.py, the sandbox in sandbox.py; see docs/rewards.md), and code_syntax adds a
+small shaping term for code that at least parses.
 """
 model_name = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 dataset_name = "google-research-datasets/mbpp"  # preset: "full" config, prompt naming the function, tests kept

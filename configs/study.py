@@ -11,11 +11,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import coldstart  # noqa: E402
 import data  # noqa: E402
+import tasks  # noqa: E402
 
 _train, _test = data.load_examples("toy", max_samples=2000, eval_size=200, seed=0)  # the demo's split
 model_name = coldstart.prepare(  # the demo's cold start (same arguments: same cached model)
     os.path.join(os.path.expanduser("~"), ".cache", "nmgrpo", "demo-coldstart-v4"),
-    data.toy_task(3000, seed=1), exclude=[ex["prompt"] for ex in _test], steps=600, label_noise=0.7,
+    tasks.toy_task(3000, seed=1), exclude=[ex["prompt"] for ex in _test], steps=600, label_noise=0.7,
     layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16)
 dataset_name = [{"prompt": ex["prompt"], "reference": ex["reference"]} for ex in _train + _test]
 split = f"train[:{len(_train)}]"

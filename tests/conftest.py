@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import data  # noqa: E402
+import tasks  # noqa: E402
 import tiny  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def toy_rows():
-    return data.toy_task(300, seed=0)
+    return tasks.toy_task(300, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import config
+import configurator
 
 ALIGNTUNE_DEFAULTS = dict(
     num_epochs=1, max_steps=1600, batch_size=16, num_generations=32, learning_rate=1e-5, max_seq_length=512,
@@ -57,7 +58,7 @@ def py_config(tmp_path):
 
 def error_of(argv):
     with pytest.raises(ValueError) as info:
-        config.load(argv)
+        configurator.load(argv)
     message = str(info.value)
     assert "\n" not in message, f"multi-line error: {message!r}"
     return message
@@ -67,19 +68,19 @@ def error_of(argv):
 
 def test_loading_config_py_itself_gives_aligntune_defaults(monkeypatch):
     monkeypatch.chdir(ROOT)
-    cfg = config.load(["--config", "config.py"])
+    cfg = configurator.load(["--config", "config.py"])
     assert {k: getattr(cfg, k) for k in ALIGNTUNE_DEFAULTS} == ALIGNTUNE_DEFAULTS
     assert cfg == config.Config()
 
 
 def test_no_arguments_gives_defaults():
-    assert config.load([]) == config.Config()
+    assert configurator.load([]) == config.Config()
 
 
 # ------------------------------------------------------------------------------------------ files
 
 def test_python_config_file(py_config):
-    cfg = config.load(["--config", py_config])
+    cfg = configurator.load(["--config", py_config])
     assert cfg.learning_rate == pytest.approx(3e-4)
     assert cfg.batch_size == 8
     assert cfg.num_generations == 4
@@ -91,19 +92,19 @@ def test_python_config_file(py_config):
 
 
 def test_flags_override_file(py_config):
-    cfg = config.load(["--config", py_config, "--learning_rate=1e-3", "--batch-size", "2"])
+    cfg = configurator.load(["--config", py_config, "--learning_rate=1e-3", "--batch-size", "2"])
     assert cfg.learning_rate == 1e-3 and cfg.batch_size == 2 and cfg.num_generations == 4
 
 
 def test_flags_before_config_still_win(py_config):
-    cfg = config.load(["--batch_size=2", "--config", py_config])
+    cfg = configurator.load(["--batch_size=2", "--config", py_config])
     assert cfg.batch_size == 2
 
 
 def test_json_config(tmp_path):
     path = write(tmp_path / "run.json", json.dumps({"learning_rate": 2e-5, "batch_size": 4, "top_p": 1,
                                                      "reward_functions": ["format", "length"]}))
-    cfg = config.load(["--config", path, "--top_k", "5"])
+    cfg = configurator.load(["--config", path, "--top_k", "5"])
     assert (cfg.learning_rate, cfg.batch_size, cfg.top_p, cfg.top_k) == (2e-5, 4, 1.0, 5)
     assert isinstance(cfg.top_p, float)
     assert cfg.reward_functions == ["format", "length"]
@@ -114,7 +115,7 @@ def test_yaml_config(tmp_path, suffix):
     pytest.importorskip("yaml")
     path = write(tmp_path / f"run{suffix}", "learning_rate: 0.00002\nbatch_size: 4\nloss_type: dapo\n"
                                             "column_mapping:\n  question: prompt\nreward_functions: [format]\n")
-    cfg = config.load(["--config", path])
+    cfg = configurator.load(["--config", path])
     assert (cfg.learning_rate, cfg.batch_size, cfg.loss_type) == (2e-5, 4, "dapo")
     assert cfg.column_mapping == {"question": "prompt"} and cfg.reward_functions == ["format"]
 
@@ -123,7 +124,7 @@ def test_yaml_exponent_float_without_dot(tmp_path):
     """`learning_rate: 1e-5` is how AlignTune YAMLs write it; PyYAML reads it as the string '1e-5'."""
     pytest.importorskip("yaml")
     path = write(tmp_path / "run.yaml", "learning_rate: 1e-5\nmirror_coefficient: 1e-4\n")
-    cfg = config.load(["--config", path])
+    cfg = configurator.load(["--config", path])
     assert (cfg.learning_rate, cfg.mirror_coefficient) == (1e-5, 1e-4)
 
 
@@ -154,12 +155,12 @@ def test_yaml_exponent_float_without_dot(tmp_path):
     (["--rewards", '[{"type": "format", "weight": 2}]'], "rewards", [{"type": "format", "weight": 2}]),
 ])
 def test_flag_forms(argv, key, value):
-    got = getattr(config.load(argv), key)
+    got = getattr(configurator.load(argv), key)
     assert got == value and type(got) is type(value)
 
 
 def test_later_flag_wins():
-    assert config.load(["--batch_size=2", "--batch_size=4"]).batch_size == 4
+    assert configurator.load(["--batch_size=2", "--batch_size=4"]).batch_size == 4
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -205,7 +206,7 @@ def test_flag_errors(argv, needles):
 
 
 def test_divisible_gradient_accumulation_is_fine():
-    assert config.load(["--batch_size=2", "--num_generations=3", "--gradient_accumulation_steps=3"]).batch_size == 2
+    assert configurator.load(["--batch_size=2", "--num_generations=3", "--gradient_accumulation_steps=3"]).batch_size == 2
 
 
 @pytest.mark.parametrize("name, text, needles", [
@@ -234,7 +235,7 @@ def test_file_errors(tmp_path, name, text, needles):
 # ------------------------------------------------------------------------------------------ help / CLI
 
 def test_describe_lists_every_field_with_its_doc():
-    text = config.describe()
+    text = configurator.describe()
     for f in dataclasses.fields(config.Config):
         assert f"--{f.name}=" in text
         assert f.metadata["doc"] in text

@@ -11,9 +11,10 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 import data
+import tasks
 import tiny
 
-ROWS = data.toy_task(12, seed=3)
+ROWS = tasks.toy_task(12, seed=3)
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +25,7 @@ def _datasets_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    tiny.make_tiny(str(folder), corpus=[r["question"] for r in data.toy_task(200)])
+    tiny.make_tiny(str(folder), corpus=[r["question"] for r in tasks.toy_task(200)])
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -65,22 +66,22 @@ def test_folders(tmp_path):
 
 def test_gsm8k_preset_and_extraction():
     for name in ("openai/gsm8k", "gsm8k", "toy"):
-        assert data.preset_for(name)["config_name"] == "main"
-    assert data.preset_for("EleutherAI/hendrycks_math") is data.preset_for("math")
-    assert data.preset_for("someone/unknown") is None
-    assert data.extract_gsm8k("Janet sells 16 - 3 - 4 = 9 eggs... 9 * 2 = 18\n#### 18") == "18"
-    assert data.extract_gsm8k("#### 1,234") == "1234"
-    assert data.extract_gsm8k("no marker") is None
+        assert tasks.preset_for(name)["config_name"] == "main"
+    assert tasks.preset_for("EleutherAI/hendrycks_math") is tasks.preset_for("math")
+    assert tasks.preset_for("someone/unknown") is None
+    assert tasks.extract_gsm8k("Janet sells 16 - 3 - 4 = 9 eggs... 9 * 2 = 18\n#### 18") == "18"
+    assert tasks.extract_gsm8k("#### 1,234") == "1234"
+    assert tasks.extract_gsm8k("no marker") is None
     train, _ = data.load_examples("toy", max_samples=30, seed=1)
-    raw = data.toy_task(30, seed=1)
+    raw = tasks.toy_task(30, seed=1)
     assert len(train) == 30
     assert [(e["prompt"], e["reference"]) for e in train] == [(r["question"], r["answer"].split("#### ")[1]) for r in raw]
 
 
 def test_boxed_extraction():
-    assert data.extract_boxed(r"so \boxed{1} then \boxed{\frac{a}{b}} done") == r"\frac{a}{b}"
-    assert data.extract_boxed(r"\boxed{x") is None
-    assert data.extract_boxed("none") is None
+    assert tasks.extract_boxed(r"so \boxed{1} then \boxed{\frac{a}{b}} done") == r"\frac{a}{b}"
+    assert tasks.extract_boxed(r"\boxed{x") is None
+    assert tasks.extract_boxed("none") is None
 
 
 def test_missing_column_and_bad_processing_fn():
@@ -190,9 +191,9 @@ def test_batch_indices_epochs_are_permutations():
 # ----------------------------------------------------------------------------- toy task
 
 def test_toy_task_deterministic_and_correct():
-    assert data.toy_task(50, seed=7) == data.toy_task(50, seed=7)
-    assert data.toy_task(50, seed=7) != data.toy_task(50, seed=8)
-    rows = data.toy_task(300, seed=0, max_value=20, ops="+-*")
+    assert tasks.toy_task(50, seed=7) == tasks.toy_task(50, seed=7)
+    assert tasks.toy_task(50, seed=7) != tasks.toy_task(50, seed=8)
+    rows = tasks.toy_task(300, seed=0, max_value=20, ops="+-*")
     assert {r["answer"].split()[1] for r in rows} == {"+", "-", "*"}
     for r in rows:
         a, op, b, c = re.match(r"(\d+) ([-+*]) (\d+) = (\d+)\n#### (\d+)$", r["answer"]).group(1, 2, 3, 4)
@@ -203,7 +204,7 @@ def test_toy_task_deterministic_and_correct():
         assert max(a, b) <= (12 if op == "*" else 20)
     assert len({r["question"] for r in rows}) > 200
     with pytest.raises(ValueError, match="ops"):
-        data.toy_task(1, ops="/")
+        tasks.toy_task(1, ops="/")
 
 
 MBPP_ROWS = [
@@ -229,8 +230,8 @@ def test_mbpp_preset_names_the_function_and_keeps_the_tests(tmp_path):
     assert "`find_Volume`" in train[1]["prompt"]  # math.isclose is not the function
     assert train[1]["test_list"] == MBPP_ROWS[1]["test_list"] and train[1]["test_setup_code"] == "import math"
     assert "text" not in train[0]
-    assert data.mbpp_function("assert set(similar_elements((3, 4), (5, 4))) == set((4,))") == "similar_elements"
-    assert data.mbpp_function("assert not is_not_prime(2)") == "is_not_prime"
+    assert tasks.mbpp_function("assert set(similar_elements((3, 4), (5, 4))) == set((4,))") == "similar_elements"
+    assert tasks.mbpp_function("assert not is_not_prime(2)") == "is_not_prime"
     # a user mapping replaces the preset, row builder included
     train, _ = data.load_examples(str(folder), column_mapping={"text": "prompt", "code": "reference"})
     assert train[0]["prompt"] == MBPP_ROWS[0]["text"]
@@ -245,9 +246,9 @@ def test_a_local_folder_named_like_a_preset_without_its_columns_loads_as_plain_d
 
 
 def test_mbpp_function_skips_keywords_builtins_and_imports():
-    assert data.mbpp_function("assert (k(1)) == 2") == "k"
-    assert data.mbpp_function("assert list(map(str, g(3))) == ['1']") == "g"
-    assert data.mbpp_function("assert type(m(1)) == int") == "m"
-    assert data.mbpp_function("assert Counter(c(1)) == 1", "from collections import Counter") == "c"
-    assert data.mbpp_function("not python (") is None
-    assert "named" not in data.mbpp_row({"test_list": []})["prompt"]
+    assert tasks.mbpp_function("assert (k(1)) == 2") == "k"
+    assert tasks.mbpp_function("assert list(map(str, g(3))) == ['1']") == "g"
+    assert tasks.mbpp_function("assert type(m(1)) == int") == "m"
+    assert tasks.mbpp_function("assert Counter(c(1)) == 1", "from collections import Counter") == "c"
+    assert tasks.mbpp_function("not python (") is None
+    assert "named" not in tasks.mbpp_row({"test_list": []})["prompt"]

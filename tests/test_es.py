@@ -171,10 +171,10 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
 import torch
-import config, es
+import common, config, es
 from mirror import NeuralMirror
 cfg = config.make(output_dir={out!r}, es_population=6, es_iterations=2, log_level="WARNING", device="cpu")
-es.init_distributed(cfg)
+rank, world = common.init_distributed(cfg.device)
 target = torch.linspace(0, 1, 380)
 bad = es.candidates(NeuralMirror().to_vector(), es.perturbations(cfg.seed, 0, 6), cfg.es_sigma)[2]  # run 3
 
@@ -185,8 +185,8 @@ def fitness(x, t):
     return -((x - target) ** 2).sum().item()
 
 
-es.evolve(cfg, fitness)
-print(json.dumps({{"rank": es.RANK, "world": es.WORLD}}))
+es.evolve(cfg, fitness, rank, world)
+print(json.dumps({{"rank": rank, "world": world}}))
 """
 
 

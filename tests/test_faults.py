@@ -11,6 +11,7 @@ import pytest
 
 import checkpoint
 import config
+import configurator
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +52,8 @@ def test_a_stop_signal_saves_and_exits_cleanly(small, tmp_path, sig):
     assert os.path.isfile(os.path.join(out, f"checkpoint-{step}", "trainer_state.json"))
     assert checkpoint.checkpoint_problem(os.path.join(out, f"checkpoint-{step}")) is None
     assert f"{signal.Signals(sig).name}: stopped after step {step}" in stdout + stderr
-    run = train.setup(config.load(argv(small, out, step + 1)[2:] + ["--resume", "latest"]))
-    assert run["step"] == step
+    run = train.setup(configurator.load(argv(small, out, step + 1)[2:] + ["--resume", "latest"]))
+    assert run.step == step
     assert train.fit(run)["steps"] == step + 1
 
 
@@ -68,8 +69,8 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(small, tmp_path):
     proc.wait()
     done = checkpoint.checkpoints(out)
     assert done and all(checkpoint.checkpoint_problem(p) is None for p in done)
-    run = train.setup(config.load(argv(small, out, 100000, save_steps=1)[2:] + ["--resume", "latest"]))
-    assert run["step"] == int(done[-1].rsplit("-", 1)[1])
+    run = train.setup(configurator.load(argv(small, out, 100000, save_steps=1)[2:] + ["--resume", "latest"]))
+    assert run.step == int(done[-1].rsplit("-", 1)[1])
     train.train_step(run)
 
 
@@ -84,8 +85,8 @@ def test_a_corrupted_checkpoint_is_skipped_or_refused(small, tmp_path, capsys):
     assert "optimizer.safetensors" in checkpoint.checkpoint_problem(newest)
     capsys.readouterr()
     run = train.setup(config.make(**{**cfg.__dict__, "max_steps": 3, "resume": "latest"}))
-    assert run["resume"].endswith("checkpoint-1") and run["step"] == 1
-    assert "skipping corrupted checkpoint" in capsys.readouterr().out
+    assert run.resume.endswith("checkpoint-1") and run.step == 1
+    assert "skipping corrupted checkpoint" in capsys.readouterr().err
     with pytest.raises(ValueError, match="corrupted"):
         train.setup(config.make(**{**cfg.__dict__, "max_steps": 3, "resume": newest}))
     with open(os.path.join(out, "checkpoint-1", "rng.safetensors"), "r+b") as fh:
@@ -105,8 +106,8 @@ def test_soak_200_steps_holds_memory_and_file_handles(small, tmp_path, monkeypat
 
     def step(run):
         out = real(run)
-        if run["step"] in (50, 200):
-            seen[run["step"]] = (_rss_mib(), len(os.listdir("/proc/self/fd")))
+        if run.step in (50, 200):
+            seen[run.step] = (_rss_mib(), len(os.listdir("/proc/self/fd")))
         return out
 
     monkeypatch.setattr(train, "train_step", step)

@@ -4,6 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
+import common
 import logprobs
 
 N, D, V = 53, 32, 301
@@ -398,8 +399,8 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(fn, **kw):
         raise RuntimeError("no compiler here")
     monkeypatch.setattr(logprobs.torch, "compile", broken)
-    monkeypatch.setattr(logprobs, "_COMPILED", {})
-    monkeypatch.setattr(logprobs, "_FAILED", set())
+    monkeypatch.setattr(common, "_COMPILED", {})
+    monkeypatch.setattr(common, "_FAILED", set())
     hidden, weight, targets = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
     with pytest.warns(UserWarning, match="running eagerly"):
         logp, _ = logprobs.token_logprobs(hidden, weight, targets, compile=True)

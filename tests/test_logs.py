@@ -124,7 +124,7 @@ def test_run_summary():
         "last eval (step 120): accuracy=0.5 reward=0.6",
         "checkpoint: out/checkpoint-120",
         f"logs: {os.path.join('out', 'metrics.jsonl')}, {os.path.join('out', 'samples.jsonl')}",
-        "plots: python train.py plot out"]
+        "plots: python tools.py plot out"]
     short = logs.run_summary(3, 5.2, None, plots_dir="out/plots")
     assert short.splitlines() == ["done: 3 steps in 0:00:05", "plots: out/plots"]
     assert logs.run_summary(1, 90061, 10.0).startswith("done: 1 steps in 25:01:01, 10 tokens/s")
@@ -182,12 +182,3 @@ def test_plot_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ValueError, match="plot needs the matplotlib package: pip install matplotlib"):
         logs.plot(str(tmp_path))
-
-
-def test_main(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    write_metrics(tmp_path / "run", [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.7}])
-    assert logs.main([str(tmp_path / "run"), "--out", str(tmp_path / "png")]) == 0
-    assert capsys.readouterr().out.split() == [str(tmp_path / "png" / "reward.png")]
-    assert logs.main([str(tmp_path / "none")]) == 2
-    assert "run training first" in capsys.readouterr().err

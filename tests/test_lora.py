@@ -1,4 +1,4 @@
-"""lora.py: identity at init, adapters off = base, merge, PEFT file-format parity both ways, merged export, bf16."""
+"""lora.py: identity at init, adapters off = base, PEFT file-format parity both ways, merged export (tools.py), bf16."""
 import json
 import math
 import os
@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lora
+import tools
 
 
 def load(folder, dtype=torch.float32):
@@ -114,31 +115,8 @@ def test_scaling_and_forward_formula(rslora, scaling):
     x = torch.randn(3, 6)
     expected = base(x) + x @ layer.lora_A.T @ layer.lora_B.T * scaling
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lora._merged_linear(layer)(x), expected, rtol=0, atol=1e-5)  # what export saves
-    layer.merge()
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
-    layer.unmerge()
+    torch.testing.assert_close(tools._merged_linear(layer)(x), expected, rtol=0, atol=1e-5)  # what export saves
     assert not torch.equal(layer.train()(x), layer.eval()(x))  # dropout acts on the adapter path in training
-
-
-def test_merge_unmerge(tiny_dir):
-    model = load(tiny_dir)
-    ids = ids_for(model)
-    lora.inject(model, targets="all-linear", r=4, alpha=8)
-    randomize_b(model)
-    before = {n: m.base_layer.weight.clone() for n, m in lora.lora_layers(model).items()}
-    adapted = logits(model, ids)
-    lora.merge(model)
-    assert all(m.merged for m in lora.lora_layers(model).values())
-    assert all((m.base_layer.weight - before[n]).abs().max() > 1e-4 for n, m in lora.lora_layers(model).items())
-    assert (logits(model, ids) - adapted).abs().max() < 1e-5
-    with pytest.raises(RuntimeError, match="unmerge"), lora.adapters_off(model):
-        pass
-    lora.unmerge(model)
-    assert max((m.base_layer.weight - before[n]).abs().max() for n, m in lora.lora_layers(model).items()) < 1e-6
-    assert (logits(model, ids) - adapted).abs().max() < 1e-5
-    with pytest.raises(RuntimeError, match="adapters are off"), lora.adapters_off(model):
-        lora.merge(model)
 
 
 def test_save_load_roundtrip_and_strictness(tiny_dir, tmp_path, monkeypatch):
@@ -228,8 +206,8 @@ def test_export_merged(tiny_dir, tmp_path):
     randomize_b(model)
     adapted = logits(model, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    lora.export_merged(model, tmp_path / "m", tokenizer=AutoTokenizer.from_pretrained(tiny_dir))
-    assert len(lora.lora_layers(model)) == 14 and not any(m.merged for m in lora.lora_layers(model).values())
+    tools.export_merged(model, tmp_path / "m", tokenizer=AutoTokenizer.from_pretrained(tiny_dir))
+    assert len(lora.lora_layers(model)) == 14
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(logits(model, ids), adapted)
@@ -238,10 +216,6 @@ def test_export_merged(tiny_dir, tmp_path):
     assert exported.lm_head.weight is exported.model.embed_tokens.weight
     assert (logits(exported, ids) - adapted).abs().max() < 1e-5
     assert os.path.isfile(tmp_path / "m" / "tokenizer.json")
-    lora.merge(model)  # exporting a merged model gives the same weights
-    lora.export_merged(model, tmp_path / "m2")
-    assert (logits(load(tmp_path / "m2"), ids) - adapted).abs().max() < 1e-5
-    assert all(m.merged for m in lora.lora_layers(model).values())
 
 
 def test_bf16_base_fp32_adapters(tiny_dir):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import common
 import sampler
 
 PROMPTS = ["hello", "what is 3 plus 4 and then a few more words", "a b c", "Question: 12 + 30"]
@@ -251,8 +252,8 @@ def test_failed_compile_falls_back_to_eager(flat_model, enc, tokenizer, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
     monkeypatch.setattr(sampler.torch, "compile", lambda fn, **kw: broken)
-    monkeypatch.setattr(sampler, "_COMPILED", {})
-    monkeypatch.setattr(sampler, "_FAILED", set())
+    monkeypatch.setattr(common, "_COMPILED", {})
+    monkeypatch.setattr(common, "_FAILED", set())
     with pytest.warns(UserWarning, match="running eagerly"):
         ids, _ = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), compile=True, max_new_tokens=4)
     want, _ = run(flat_model, enc, tokenizer, generator=torch.Generator().manual_seed(0), max_new_tokens=4)

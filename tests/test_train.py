@@ -5,12 +5,14 @@ import os
 import statistics
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import config
-import data
+import tasks
+import es
 import train
 from mirror import NeuralMirror
 from sampler import completion_mask
@@ -107,14 +109,14 @@ def test_train_writes_metrics_samples_and_checkpoints(small):
 
 def test_bf16_autocast_trains_with_float32_logprobs(small):
     run = train.setup(make(small, precision="bf16", rewards=LENGTH))
-    assert run["amp_dtype"] == torch.bfloat16
-    before = params(run["model"])
+    assert run.amp_dtype == torch.bfloat16
+    before = params(run.model)
     train.fit(run)
-    rows = read_jsonl(os.path.join(run["cfg"].output_dir, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(run.cfg.output_dir, "metrics.jsonl"))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
-    assert max_change(params(run["model"]), before) > 0
-    batch = train.rollout(run, run["train_set"][:2], 2, generator=torch.Generator().manual_seed(0))
-    logp, _ = train.batch_logprobs(run, run["model"], batch, slice(0, 4))
+    assert max_change(params(run.model), before) > 0
+    batch = train.rollout(run, run.train_set[:2], 2, generator=torch.Generator().manual_seed(0))
+    logp, _ = train.forward(run, run.model, train.completion_logprobs, batch, slice(0, 4))
     assert logp.dtype == torch.float32
 
 
@@ -130,14 +132,14 @@ def test_save_total_limit_keeps_the_newest(small):
 def test_resume_reproduces_an_uninterrupted_run(small, tmp_path, monkeypatch):
     kw = dict(max_steps=4, save_steps=2, rewards=LENGTH)
     straight = train.setup(make(small, output_dir=str(tmp_path / "straight"), **kw))
-    initial = params(straight["model"])
+    initial = params(straight.model)
     train.fit(straight)
 
     out = str(tmp_path / "interrupted")
     real_step = train.train_step
 
     def crash_at_step_4(run):  # after step 3 is logged, past the checkpoint of step 2
-        if run["step"] == 3:
+        if run.step == 3:
             raise RuntimeError("interrupted")
         return real_step(run)
 
@@ -155,10 +157,10 @@ def test_resume_reproduces_an_uninterrupted_run(small, tmp_path, monkeypatch):
         assert untimed(ra) == untimed(rb), ra["step"]
     assert a[-1]["grad_norm"] > 0
 
-    final = params(straight["model"])
-    assert same(final, params(resumed["model"]))
+    final = params(straight.model)
+    assert same(final, params(resumed.model))
     assert max_change(final, initial) > 1e-4
-    assert same(params(resumed["ref_model"]), initial)  # the reference stays the initial weights
+    assert same(params(resumed.ref_model), initial)  # the reference stays the initial weights
 
 
 # ---------------------------------------------------------------------------- gradient accumulation
@@ -170,10 +172,10 @@ def test_gradient_accumulation_does_not_change_the_update(small, monkeypatch, lo
     for gas in (1, 4):
         run = train.setup(make(small, loss_type=loss_type, gradient_accumulation_steps=gas, optimizer="sgd",
                                learning_rate=0.1, max_grad_norm=0.0, rewards=LENGTH, eval_size=0))
-        before = params(run["model"])
+        before = params(run.model)
         m, _ = train.train_step(run)
         assert m["frac_zero_std_groups"] < 1 and m["completion_length_max"] > 1 and m["truncated_frac"] < 1
-        after = params(run["model"])
+        after = params(run.model)
         deltas.append({k: after[k] - before[k] for k in before})
     one, four = deltas
     assert max(d.abs().max().item() for d in one.values()) > 1e-3
@@ -191,10 +193,10 @@ def test_fused_loss_gives_the_same_update(small, monkeypatch, divergence_type, l
                                num_iterations=iterations, mirror_coefficient=0.5, beta=0.5, optimizer="sgd",
                                learning_rate=0.1, max_grad_norm=0.0, rewards=LENGTH, eval_size=0,
                                output_dir=f"{small['output_dir']}-{fused}"))
-        before = params(run["model"])
+        before = params(run.model)
         m, _ = train.train_step(run)
         metrics.append(m)
-        deltas.append({k: v - before[k] for k, v in params(run["model"]).items()})
+        deltas.append({k: v - before[k] for k, v in params(run.model).items()})
     assert max(d.abs().max().item() for d in deltas[1].values()) > 1e-3
     for k in deltas[0]:
         torch.testing.assert_close(deltas[0][k], deltas[1][k], atol=1e-6, rtol=1e-4, msg=k)
@@ -207,7 +209,7 @@ def test_fused_loss_gives_the_same_update(small, monkeypatch, divergence_type, l
 def test_reference_is_a_frozen_copy_of_the_initial_weights(small, tiny_dir):
     from transformers import AutoModelForCausalLM
     run = train.setup(make(small, rewards=LENGTH, eval_size=0))
-    model, ref = run["model"], run["ref_model"]
+    model, ref = run.model, run.ref_model
     on_disk = params(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32))
     assert same(params(ref), on_disk)
     assert same(params(model), on_disk)
@@ -223,7 +225,7 @@ def test_reference_is_a_frozen_copy_of_the_initial_weights(small, tiny_dir):
 
 def test_divergence_none_has_no_reference(small):
     run = train.setup(make(small, divergence_type="none", rewards=LENGTH, eval_size=0))
-    assert run["ref_model"] is None
+    assert run.ref_model is None
     m, _ = train.train_step(run)
     assert m["divergence"] == 0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
 
@@ -258,7 +260,7 @@ ADV = torch.tensor([1.0, -2.0], dtype=torch.float64)
 
 def fake_run(**kw):
     cfg = config.make(**{"divergence_type": "none", "max_completion_length": 4, **kw})
-    return {"cfg": cfg, "mirror": NeuralMirror(0.5, seed=1)}
+    return types.SimpleNamespace(cfg=cfg, mirror=NeuralMirror(0.5, seed=1))
 
 
 def logps(seed=0):
@@ -266,16 +268,26 @@ def logps(seed=0):
     return (torch.rand(2, 3, generator=g, dtype=torch.float64) * -3).requires_grad_(True)
 
 
+def terms(run, logp, old, ref, adv, mask, weights):
+    """A micro-batch's share of the step loss with the step's token weights, and its per-token sums, as learn forms them."""
+    per_token, stats = train.objective(run, logp, old, ref, adv[:, None])
+    return (per_token * weights).sum(), {k: (v.double() * mask).sum().item() for k, v in stats.items()}
+
+
 def step_loss(run, logp, old, ref=None, adv=ADV, mask=MASK):
-    norm = train.normaliser(run["cfg"], mask)
-    return train.loss_terms(run, logp, old, ref, adv, mask, norm)
+    return terms(run, logp, old, ref, adv, mask, train.token_weights(run.cfg, mask, dtype=logp.dtype))
 
 
-def test_normalisers():
-    assert train.normaliser(fake_run(loss_type="grpo")["cfg"], MASK) == 2
-    assert train.normaliser(fake_run(loss_type="bnpo")["cfg"], MASK) == 5
-    assert train.normaliser(fake_run(loss_type="dapo")["cfg"], MASK) == 5
-    assert train.normaliser(fake_run(loss_type="dr_grpo")["cfg"], MASK) == 2 * 4
+def test_token_weights():
+    m = MASK.double()
+    grpo = train.token_weights(fake_run(loss_type="grpo").cfg, MASK, dtype=torch.float64)
+    torch.testing.assert_close(grpo, torch.tensor([[1 / 2, 1 / 2, 0], [1 / 3, 1 / 3, 1 / 3]]).double() / 2)
+    for loss_type in ("bnpo", "dapo"):  # over the step's 5 tokens
+        torch.testing.assert_close(train.token_weights(fake_run(loss_type=loss_type).cfg, MASK), m.float() / 5)
+    torch.testing.assert_close(train.token_weights(fake_run(loss_type="dr_grpo").cfg, MASK), m.float() / (2 * 4))
+    # under torchrun the grpo and dr_grpo denominators count every process's sequences
+    torch.testing.assert_close(train.token_weights(fake_run(loss_type="dr_grpo").cfg, MASK, world=3),
+                               m.float() / (3 * 2 * 4))
 
 
 @pytest.mark.parametrize("loss_type,expected", [
@@ -290,10 +302,10 @@ def test_loss_type_aggregation_at_ratio_one(loss_type, expected):
     loss, stats = step_loss(run, logp, logp.detach())  # ratio 1: each token's term is -A
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     assert stats["ratio"] == pytest.approx(5.0) and stats["clip_low"] == stats["clip_high"] == 0
-    # cut into micro-batches with the step's normaliser, the parts add up to the whole
-    norm = train.normaliser(run["cfg"], MASK)
-    parts = sum(train.loss_terms(run, logp[i:i + 1], logp.detach()[i:i + 1], None, ADV[i:i + 1], MASK[i:i + 1],
-                                 norm)[0] for i in range(2))
+    # cut into micro-batches with the step's weights, the parts add up to the whole
+    weights = train.token_weights(run.cfg, MASK, dtype=torch.float64)
+    parts = sum(terms(run, logp[i:i + 1], logp.detach()[i:i + 1], None, ADV[i:i + 1], MASK[i:i + 1],
+                      weights[i:i + 1])[0] for i in range(2))
     assert parts.item() == pytest.approx(loss.item(), abs=1e-12)
 
 
@@ -341,7 +353,7 @@ def test_regulariser_weights():
 
     run = fake_run(loss_type="dapo", divergence_type="neural_mirror", mirror_coefficient=0.3, beta=9.0)
     loss, stats = step_loss(run, logp, logp.detach(), ref, adv=zero)
-    d = run["mirror"].bregman(logp.exp(), ref.exp())
+    d = run.mirror.bregman(logp.exp(), ref.exp())
     assert (d * m).sum().item() > 0
     assert loss.item() == pytest.approx(0.3 * (d * m).sum().item() / 5, rel=1e-9)
     assert stats["divergence"] == pytest.approx((d * m).sum().item(), rel=1e-9)
@@ -355,32 +367,32 @@ def test_regulariser_weights():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_non_finite_step_is_skipped_and_counted(small, monkeypatch, fused):
-    real_terms, real_step = train.per_token_loss, train.train_step
+    real_objective, real_step = train.objective, train.train_step
 
     def nan_on_first_step(run, *args):
-        per_token, ratio, div = real_terms(run, *args)
-        return (per_token * float("nan") if run["step"] == 0 else per_token), ratio, div
+        per_token, stats = real_objective(run, *args)
+        return (per_token * float("nan") if run.step == 0 else per_token), stats
 
     snapshots = []
 
     def recording(run):
         out = real_step(run)
-        snapshots.append(params(run["model"]))
+        snapshots.append(params(run.model))
         return out
 
-    monkeypatch.setattr(train, "per_token_loss", nan_on_first_step)
+    monkeypatch.setattr(train, "objective", nan_on_first_step)
     monkeypatch.setattr(train, "train_step", recording)
     run = train.setup(make(small, rewards=LENGTH, eval_size=0, fused_loss=fused))
-    initial = params(run["model"])
+    initial = params(run.model)
     result = train.fit(run)
 
     assert same(snapshots[0], initial)
     assert max_change(snapshots[1], snapshots[0]) > 1e-4
-    assert run["skipped_steps"] == 1 and result["skipped_steps"] == 1
-    rows = read_jsonl(os.path.join(run["cfg"].output_dir, "metrics.jsonl"))
+    assert run.skipped_steps == 1 and result["skipped_steps"] == 1
+    rows = read_jsonl(os.path.join(run.cfg.output_dir, "metrics.jsonl"))
     assert [r["skipped_steps"] for r in rows] == [1, 1]
     assert math.isfinite(rows[1]["loss"]) and math.isfinite(rows[1]["grad_norm"])
-    assert all(torch.isfinite(p).all() for p in run["model"].parameters())
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
 def test_num_iterations_two_uses_old_logprobs(small):
@@ -390,7 +402,7 @@ def test_num_iterations_two_uses_old_logprobs(small):
         assert math.isfinite(m[k]), k
     assert 0 <= m["clip_low"] <= 1 and 0 <= m["clip_high"] <= 1
     assert m["ratio"] != 1.0  # the second pass sees the moved policy against the old log-probs
-    steps = {int(s["step"]) for s in run["optimizer"].state.values()}
+    steps = {int(s["step"]) for s in run.optimizer.state.values()}
     assert steps == {2}
 
 
@@ -398,15 +410,15 @@ def test_num_iterations_two_uses_old_logprobs(small):
 def test_mask_truncated_completions(small, monkeypatch, masked):
     fixed_length_sampler(monkeypatch, lambda row, T: None)
     run = train.setup(make(small, mask_truncated_completions=masked, rewards=LENGTH, eval_size=0))
-    before = params(run["model"])
+    before = params(run.model)
     m, _ = train.train_step(run)
     assert m["truncated_frac"] == 1 and m["frac_zero_std_groups"] < 1
     if masked:
         assert m["loss"] == 0 and m["grad_norm"] == 0
-        assert same(params(run["model"]), before)
+        assert same(params(run.model), before)
     else:
         assert m["grad_norm"] > 0
-        assert max_change(params(run["model"]), before) > 1e-4
+        assert max_change(params(run.model), before) > 1e-4
 
 
 def test_rewards_receive_reference_and_row_columns(small):
@@ -424,7 +436,7 @@ def test_rewards_receive_reference_and_row_columns(small):
     for reference, kwargs in calls:
         assert {"prompt", "answer_copy"} <= kwargs.keys()
         assert "text" not in kwargs and "reference" not in kwargs
-        assert reference == data.extract_gsm8k(kwargs["answer_copy"]) and reference.isdigit()
+        assert reference == tasks.extract_gsm8k(kwargs["answer_copy"]) and reference.isdigit()
     for i in range(0, n_train, cfg.num_generations):  # the G completions of a prompt are scored with its row
         assert len({kw["prompt"] for _, kw in calls[i:i + cfg.num_generations]}) == 1
 
@@ -438,7 +450,7 @@ def test_mbpp_trains_with_sandboxed_tests_that_the_references_pass(small, tmp_pa
     cfg = make({k: v for k, v in small.items() if k != "column_mapping"}, dataset_name=str(folder), eval_size=2, max_steps=1,
                rewards=[{"type": "code_correctness", "params": {"timeout": 5.0}}, {"type": "code_syntax", "weight": 0.1}])
     run = train.setup(cfg)
-    examples = run["train_set"][:4]
+    examples = run.train_set[:4]
     total, columns = train.score(run, examples, [ex["reference"] for ex in examples])  # the reference solutions
     assert columns["code_correctness"] == [1.0] * 4 and total.tolist() == [pytest.approx(1.1)] * 4
     _, columns = train.score(run, examples, ["```python\ndef remove_Occ(s, ch):\n    return s\n```"] * 4)
@@ -499,10 +511,10 @@ def test_gradient_checkpointing_gives_the_same_update(small):
     for gc in (False, True):
         run = train.setup(make(small, gradient_checkpointing=gc, rewards=LENGTH, optimizer="sgd", learning_rate=0.1,
                                output_dir=f"{small['output_dir']}-{gc}"))  # sgd: Adam would magnify float noise
-        assert run["model"].training and run["model"].is_activation_checkpointing == gc
-        initial = params(run["model"])
+        assert run.model.training and run.model.is_activation_checkpointing == gc
+        initial = params(run.model)
         train.fit(run)
-        runs.append(params(run["model"]))
+        runs.append(params(run.model))
         assert max_change(runs[-1], initial) > 1e-4
     assert max_change(runs[0], runs[1]) < 1e-6
 
@@ -516,13 +528,13 @@ def test_sampler_and_learner_agree_on_the_log_probs(small):
 def test_held_out_score_trains_with_the_given_mirror_and_saves_nothing(small, tmp_path):
     mirror = NeuralMirror(0.5, seed=7)
     cfg = config.make(**small, mirror_coefficient=1.0, reward_functions=["math_correctness"])
-    score = train.held_out_score(cfg, mirror, "accuracy")
+    score = es.held_out_score(cfg, mirror, "accuracy")
     assert 0.0 <= score <= 1.0
     assert not [d for d in os.listdir(cfg.output_dir) if d.startswith("checkpoint-")]  # ES throws it away
     assert torch.equal(mirror.to_vector(), NeuralMirror(0.5, seed=7).to_vector())  # the caller's map is untouched
     path = str(tmp_path / "m.safetensors")
     mirror.save(path)
     run = train.setup(config.make(**{**small, "output_dir": str(tmp_path / "o2")}, mirror_path=path))
-    assert torch.equal(run["mirror"].to_vector(), mirror.to_vector())  # mirror_path replaces the random map
+    assert torch.equal(run.mirror.to_vector(), mirror.to_vector())  # mirror_path replaces the random map
     with pytest.raises(ValueError, match="mirror_path='nope' is not a file"):
         config.make(**small, mirror_path="nope")

@@ -24,11 +24,11 @@ def params(model):
 
 def test_only_the_adapters_learn_and_the_reference_is_the_base(small):
     run = train.setup(make(small, max_steps=2))
-    model = run["model"]
-    assert run["ref_model"] is None and lora.is_lora(model)
+    model = run.model
+    assert run.ref_model is None and lora.is_lora(model)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_A" in n or ".lora_B" in n for n in trained)
-    assert {n for g in run["optimizer"].param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])} == trained
+    assert {n for g in run.optimizer.param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])} == trained
     before = params(model)
     m1, _ = train.train_step(run)
     m2, _ = train.train_step(run)
@@ -50,7 +50,7 @@ def test_lora_checkpoint_is_a_peft_adapter(small, tmp_path, tiny_dir):
     assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files)  # no copy of the base
     from safetensors.torch import load_file
     saved = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
-    trained = {n: p for n, p in run["model"].named_parameters() if p.requires_grad}
+    trained = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
     assert len(saved) == len(trained)
     for n, p in trained.items():  # PEFT's key names
         torch.testing.assert_close(saved["base_model.model." + n + ".weight"], p.detach(), rtol=0, atol=0)
@@ -59,7 +59,7 @@ def test_lora_checkpoint_is_a_peft_adapter(small, tmp_path, tiny_dir):
     from transformers import AutoModelForCausalLM
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.no_grad():
-        ours = run["model"].eval()(ids).logits
+        ours = run.model.eval()(ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
         theirs = peft.PeftModel.from_pretrained(base, ckpt).eval()(ids).logits
     assert (ours - theirs).abs().max().item() < 1e-5
@@ -72,7 +72,7 @@ def test_resume_with_lora_matches_an_uninterrupted_run(small, tmp_path, monkeypa
     real = train.train_step
 
     def crash(run):
-        if run["step"] == 3:
+        if run.step == 3:
             raise RuntimeError("interrupted")
         return real(run)
 
@@ -82,7 +82,7 @@ def test_resume_with_lora_matches_an_uninterrupted_run(small, tmp_path, monkeypa
     monkeypatch.setattr(train, "train_step", real)
     resumed = train.setup(make(small, output_dir=str(tmp_path / "cut"), resume="latest", **kw))
     train.fit(resumed)
-    a, b = params(straight["model"]), params(resumed["model"])
+    a, b = params(straight.model), params(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
@@ -103,34 +103,34 @@ def test_gradient_checkpointing_with_lora_gives_the_same_update(small):
         run = train.setup(make(small, gradient_checkpointing=gc, optimizer="sgd", learning_rate=0.5,
                                output_dir=f"{small['output_dir']}-{gc}"))
         train.fit(run)
-        runs.append({n: p.detach() for n, p in run["model"].named_parameters() if p.requires_grad})
+        runs.append({n: p.detach() for n, p in run.model.named_parameters() if p.requires_grad})
     assert max((runs[0][n] - runs[1][n]).abs().max().item() for n in runs[0]) < 1e-6
     assert max(p.abs().max().item() for n, p in runs[0].items() if "lora_B" in n) > 0
 
 
 def test_bf16_base_keeps_log_probs_and_the_mirror_in_fp32(small):
     run = train.setup(make(small, precision="bf16", max_steps=1))
-    model = run["model"]
+    model = run.model
     base = [p for n, p in model.named_parameters() if not p.requires_grad]
     assert {p.dtype for p in base} == {torch.bfloat16}
     assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
     m, _ = train.train_step(run)  # the adapters move, so step 2's policy differs from the base
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
     gen = torch.Generator().manual_seed(0)
-    batch = train.rollout(run, run["train_set"][:2], 4, generator=gen)
+    batch = train.rollout(run, run.train_set[:2], 4, generator=gen)
     rows = slice(0, batch["ids"].size(0))
-    logp, _ = train.batch_logprobs(run, model, batch, rows)
+    logp, _ = train.forward(run, model, train.completion_logprobs, batch, rows)
     ref = train.reference_logprobs(run, batch)
     assert logp.dtype == ref.dtype == torch.float32
     mask = batch["mask"].bool()
-    ours = divergence("neural_mirror", logp, ref, mirror=run["mirror"], coef=1.0)[mask]
-    exact = run["mirror"].double().bregman(logp.double().exp(), ref.double().exp())[mask]
-    run["mirror"].float()
+    ours = divergence("neural_mirror", logp, ref, mirror=run.mirror, coef=1.0)[mask]
+    exact = run.mirror.double().bregman(logp.double().exp(), ref.double().exp())[mask]
+    run.mirror.float()
     assert (ours >= 0).all()
     torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-9)
     # the same terms in bf16, as a system that follows the model's dtype computes them: wrong by far more
-    naive = run["mirror"].to(torch.bfloat16).bregman(logp.bfloat16().exp(), ref.bfloat16().exp()).double()[mask]
-    run["mirror"].float()
+    naive = run.mirror.to(torch.bfloat16).bregman(logp.bfloat16().exp(), ref.bfloat16().exp()).double()[mask]
+    run.mirror.float()
     assert (naive - exact).abs().max() > 100 * (ours.double() - exact).abs().max()
 
 
@@ -140,22 +140,4 @@ def test_bad_lora_settings_stop_before_training(small):
     with pytest.raises(ValueError, match="lora_r"):
         train.setup(make(small, lora_r=0))
     run = train.setup(make(small, lora_target_modules="q_proj,v_proj"))
-    assert {n.rsplit(".", 1)[-1] for n in lora.lora_layers(run["model"])} == {"q_proj", "v_proj"}
-
-
-def test_merge_command_exports_a_plain_model(small, tmp_path, tiny_dir):
-    import subprocess
-    import sys
-    from transformers import AutoModelForCausalLM
-    run = train.setup(make(small, max_steps=2, output_dir=str(tmp_path / "a")))
-    ckpt = train.fit(run)["checkpoint"]
-    out = str(tmp_path / "merged")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, os.path.join(repo, "lora.py"), "merge", ckpt, out], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert not any("lora" in n for n, _ in merged.named_parameters())
-    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
-    with torch.no_grad():
-        assert (merged(ids).logits - run["model"].eval()(ids).logits).abs().max().item() < 1e-5
+    assert {n.rsplit(".", 1)[-1] for n in lora.lora_layers(run.model)} == {"q_proj", "v_proj"}

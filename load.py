@@ -1,0 +1,177 @@
+"""What every backend (train.py, trl_backend.py, es.py's inner runs) loads the same way, so they cannot drift.
+
+Device and precision, the model and tokenizer (with LoRA adapters), the task's examples with their rendered
+prompts, the rewards, the mirror, the optimizer and schedule, the number of steps, the check that a run never
+writes over an earlier one, and the choice of the best eval.
+"""
+import math
+import os
+
+import torch
+
+import checkpoint
+import data
+import lora
+import rewards
+from common import log
+from mirror import NeuralMirror
+
+
+def device_and_dtype(cfg, world=1):
+    """(device, autocast dtype or None); ValueError when the precision cannot run here."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but no CUDA GPU is visible: use device='cpu'")
+    if device.type == "cuda" and world > 1:  # one GPU per process, whatever index the config names
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs a CUDA GPU: use precision='bf16' or 'fp32' on CPU")
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_fresh(cfg):
+    """ValueError when output_dir holds an earlier run that the config does not continue."""
+    if not cfg.resume and (checkpoint.checkpoints(cfg.output_dir) or
+                           os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl"))):
+        raise ValueError(f"output_dir={cfg.output_dir!r} holds an earlier run: continue it with --resume=latest, "
+                         "or give a new output_dir")
+
+
+def model_and_tokenizer(name, device, cfg, dtype=torch.float32):
+    """A causal LM (weights in `dtype`, dropout off) and its tokenizer through from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name or name, cache_dir=cfg.cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_dir)
+    except OSError as e:
+        raise ValueError(f"model_name={name!r} could not be loaded ({str(e).splitlines()[0]}): give a local "
+                         "folder with config.json and weights, or a Hub name while online") from None
+    if cfg.chat_template == "none":
+        tokenizer.chat_template = None  # plain text prompts
+    elif cfg.chat_template not in (None, "auto"):
+        tokenizer.chat_template = cfg.chat_template
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            raise ValueError(f"model_name={name!r} transforms its logits ({key}), which the log-prob kernel "
+                             "does not apply yet: choose a model without it")
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError(f"model_name={name!r} has an lm_head bias, which the log-prob kernel does not apply "
+                         "yet: choose a model without it")
+    for m in model.modules():  # sampler and learner must see the same function of the weights
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+    return model.to(device).train(), tokenizer
+
+
+def policy(cfg, device, amp_dtype, sharded=False):
+    """The model to train (with its LoRA adapters when use_lora) and its tokenizer. Full fine-tuning keeps
+    fp32 master weights under autocast; a frozen LoRA base is stored in bf16 when the run is bf16 (fp16 keeps
+    it in fp32: fp16 weights overflow too easily; FSDP too: a shard group holds one dtype), adapters in fp32."""
+    if cfg.distributed == "fsdp" and not sharded:
+        log.info("note: distributed='fsdp' shards over torchrun's processes; this single process holds the whole model")
+    bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded
+    model, tokenizer = model_and_tokenizer(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32)
+    if cfg.use_lora:
+        t = cfg.lora_target_modules  # 'all-linear', a list, or 'q_proj,v_proj'
+        targets = t if t == "all-linear" else [x.strip() for x in t.split(",")] if isinstance(t, str) else list(t)
+        lora.inject(model, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
+        if cfg.gradient_checkpointing:  # the frozen embeddings give no grad to checkpoint through otherwise
+            model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def prompt_cap(cfg, model):
+    """The prompt tokens kept (cut from the left): min(max_prompt_length, max_seq_length - max_completion_length),
+    checked against the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    cap = min(cfg.max_prompt_length, cfg.max_seq_length - cfg.max_completion_length)
+    if cap < cfg.max_prompt_length:
+        log.info(f"note: prompts are cut to {cap} tokens (max_seq_length {cfg.max_seq_length} - "
+                 f"max_completion_length {cfg.max_completion_length}), below max_prompt_length={cfg.max_prompt_length}")
+    if cap < 1:
+        raise ValueError(f"max_seq_length={cfg.max_seq_length} leaves no room for prompts after "
+                         f"max_completion_length={cfg.max_completion_length}: raise max_seq_length")
+    if context and cap + cfg.max_completion_length > context:
+        raise ValueError(f"prompt ({cap}) + completion ({cfg.max_completion_length}) tokens exceed the "
+                         f"model's context of {context}: lower max_prompt_length or max_completion_length")
+    return cap
+
+
+def reward_fns(cfg, device=None):
+    """The config's rewards (rewards.resolve), math_correctness when it names none."""
+    return rewards.resolve(cfg.rewards, cfg.reward_functions or (None if cfg.rewards else ["math_correctness"]),
+                           cfg.reward_function_weights, device=device)
+
+
+def task(cfg, tokenizer, reward_list, world=1):
+    """(train examples, held-out examples), each with its prompt rendered as model input in ex["text"],
+    checked against the rewards' columns and the batch size."""
+    train_set, eval_set = data.load_examples(
+        cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
+        eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples,
+        column_mapping=cfg.column_mapping, processing_fn=cfg.processing_fn, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    rewards.check_columns(reward_list, train_set[0].keys() if train_set else ())
+    if len(train_set) < cfg.batch_size * world:
+        raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
+                         f"x {world} process(es): lower batch_size or add data")
+    for ex in train_set + eval_set:
+        ex["text"] = data.render_prompt(tokenizer, ex["prompt"], cfg.system_prompt, cfg.enable_thinking)
+    return train_set, eval_set
+
+
+def total_steps(cfg, n_train, world=1):
+    """Sampling steps: max_steps, or num_epochs passes over n_train prompts at batch_size x world per step."""
+    return cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * n_train / (cfg.batch_size * world))
+
+
+def mirror(cfg):
+    """The neural mirror map the config describes: mirror_path's, or the random one of mirror_init_scale/seed."""
+    return NeuralMirror.load(cfg.mirror_path) if cfg.mirror_path else NeuralMirror(cfg.mirror_init_scale,
+                                                                                     cfg.mirror_seed)
+
+
+def optimizer(cfg, model):
+    """The torch optimizer cfg.optimizer names, over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer in ("adamw_torch", "adamw", "adam"):
+        adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        return adam(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                    weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def scheduler(cfg, opt, steps):
+    """transformers' lr_scheduler over steps x num_iterations updates, with its warmup."""
+    from transformers import get_scheduler
+    updates = steps * cfg.num_iterations
+    warmup = math.ceil(cfg.warmup_ratio * updates) if cfg.warmup_ratio > 0 else cfg.warmup_steps
+    return get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=updates)
+
+
+def stop_ids(model, tokenizer):
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def eval_row(row):
+    """A metrics row's step and eval/* entries; None for None."""
+    return row and {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
+
+
+def best_eval(evals):
+    """The eval row (see eval_row) with the best eval/accuracy (eval/reward without one); None without evals."""
+    key = "eval/accuracy" if any("eval/accuracy" in e for e in evals) else "eval/reward"
+    return eval_row(max(evals, key=lambda e: e.get(key, float("-inf")), default=None))
