@@ -111,8 +111,10 @@ def init_distributed(device="auto", timeout_hours=2):
         return 0, 1
     import torch
     import torch.distributed as dist
+    gpu = device != "cpu" and torch.cuda.is_available()
+    if gpu:  # one GPU per process, whatever index the config names
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        gpu = device != "cpu" and torch.cuda.is_available()
         dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo",
                                 timeout=datetime.timedelta(hours=timeout_hours))
     return dist.get_rank(), dist.get_world_size()

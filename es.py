@@ -160,9 +160,7 @@ def start(cfg):
         return state
     if cfg.resume == "latest":
         log.info(f"resume='latest': no {STATE} in {cfg.output_dir} yet, starting at iteration 0")
-    mirror = NeuralMirror.load(cfg.mirror_path) if cfg.mirror_path else \
-        NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed)
-    centre = mirror.to_vector().clamp(min=0)  # (380,)
+    centre = load.mirror(cfg).to_vector().clamp(min=0)  # (380,)
     return dict(centre=centre, best=centre.clone(), iteration=0, sigma=cfg.es_sigma, seed=cfg.seed,
                 population=cfg.es_population, best_fitness=None, best_iteration=None, history=[],
                 config=settings(cfg))
@@ -325,8 +323,6 @@ def main(argv):
     try:
         cfg = configurator.load(argv)
         check(cfg)
-        if cfg.device != "cpu" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # each process's inner runs on its own GPU
         rank, world = common.init_distributed(cfg.device, timeout_hours=24)  # ranks wait for the slowest share
         t0 = time.perf_counter()
         state = evolve(cfg, inner_fitness(cfg), rank, world)

@@ -23,9 +23,8 @@ def device_and_dtype(cfg, world=1):
                           "cpu" if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but no CUDA GPU is visible: use device='cpu'")
-    if device.type == "cuda" and world > 1:  # one GPU per process, whatever index the config names
+    if device.type == "cuda" and world > 1:  # the process's own GPU (common.init_distributed selected it)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

@@ -152,7 +152,7 @@ def read_adapter_config(folder):
     """The adapter_config.json of `folder`, checked to be a LoRA this file can load."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+        raise ValueError(f"{folder} holds no {CONFIG_NAME}: give a checkpoint of a use_lora run or a PEFT adapter")
     config = json.loads(pathlib.Path(path).read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")

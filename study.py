@@ -46,7 +46,7 @@ def run(base, overrides, seed, folder):
     config.validate(cfg)
     t0 = time.perf_counter()
     m = train.train(cfg)["metrics"]
-    key = {"neural_mirror": "bregman", "kl": "kl", "prob_l2": "prob_l2", "none": "divergence"}[cfg.divergence_type]
+    key = logs.DIVERGENCE_METRIC[cfg.divergence_type]
     weight = cfg.beta if cfg.divergence_type == "kl" else cfg.mirror_coefficient
     return m["eval/accuracy"], m[key] * weight, time.perf_counter() - t0
 

@@ -13,9 +13,11 @@ import sys
 import torch
 import torch.nn as nn
 
+import common
 import config
 import logs
 import lora
+from common import log
 
 
 def _merged_linear(m):
@@ -52,9 +54,6 @@ def merge(adapter, out, base=None):
     base_model_name_or_path unless given)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.isfile(os.path.join(adapter, lora.CONFIG_NAME)):
-        raise ValueError(f"{adapter} holds no {lora.CONFIG_NAME}: give a checkpoint of a use_lora run or a PEFT "
-                         "adapter")
     base = base or lora.read_adapter_config(adapter).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter} names no base model: give it as the third argument")
@@ -94,17 +93,18 @@ def main(argv):
     cmd.add_argument("base", nargs="?", default=None, help="the base model (default: the adapter's)")
     sub.add_parser("knobs", help="every Config knob as a markdown table")
     args = parser.parse_args(argv)
+    common.configure_logging("INFO")
     try:
         if args.command == "plot":
-            print("\n".join(logs.plot(args.output_dir, args.out)))
+            log.info("\n".join(logs.plot(args.output_dir, args.out)))
         elif args.command == "mirror":
-            print(logs.plot_mirror(args.files, args.out, args.coef, args.beta))
+            log.info(logs.plot_mirror(args.files, args.out, args.coef, args.beta))
         elif args.command == "merge":
-            print(merge(args.adapter, args.out, args.base))
+            log.info(merge(args.adapter, args.out, args.base))
         else:
-            print(knobs())
+            log.info(knobs())
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
     return 0
 
