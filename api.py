@@ -73,16 +73,16 @@ def create_rl_trainer(model_name=None, dataset_name=None, algorithm="nmgrpo", ba
     values = {}
     if config is not None:
         values = configurator.read_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
-        values = compat.from_nested(values) if compat.is_nested(values) else values
+        values = compat.from_nested(values, config_lib.FIELDS) if compat.is_nested(values) else compat.rename(values)
     if model_name is not None:
         values["model_name"] = model_name
     if dataset_name is not None:
         values["dataset_name"] = dataset_name
-    for key, value in kwargs.items():
-        values[compat.KWARGS.get(key, key)] = compat.column_mapping(value) if key == "column_mapping" else value
+    given = compat.rename(kwargs)  # AlignTune's names (wandb_run_name, use_peft, ...) and percent
+    values.update(given)
     for key, value in compat.algo_settings(algorithm).items():  # what the algorithm implies, unless set
         values.setdefault(key, value)
-    if "num_epochs" in kwargs and "max_steps" not in kwargs:
+    if "num_epochs" in given and "max_steps" not in given:
         values.setdefault("max_steps", -1)
     values.setdefault("backend", backend)
     return RLTrainer(config_lib.make(values))

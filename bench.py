@@ -25,6 +25,11 @@ Rows (ratio = ours / peer, in the row's unit):
             CUDA also a Qwen3-1.7B shape in bf16 at 8 and 16 generations, 256 and 1024 tokens
             (micro-batches of 64 completions); seconds per step, and peak memory including the setup
             (model, reference, optimizer).
+  qlora     train.train_step with QLoRA (load_in_4bit: nf4, double quantization, r 16 on q/k/v/o) vs LoRA (r 16)
+            and vs full fine-tuning, all ours with the neural_mirror regulariser, on a random Qwen3-0.6B shape
+            (needs `pip install bitsandbytes accelerate`): on CPU fp32, 2 prompts x 4 completions of exactly 16
+            tokens; on CUDA bf16, 8 x 8 x 256; seconds per step, and peak memory including the setup (loading
+            the model, saved once by the parent: its build is not counted).
   gpu       (CUDA only) the sampler vs HF generate on a random Qwen3-0.6B shape in bf16 at batch 1 and 64,
             tokens/s, and its memory-bandwidth use: the weight bytes its decode steps read per second
             over a device-to-device copy's bytes per second (ratio = the fraction of the copy bandwidth);
@@ -204,6 +209,8 @@ STEP_COMMON = dict(temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-5, max_
 def save_step_model(folder, model):
     """A random Qwen3 of MODELS[model] and a 1024-token BPE tokenizer, saved to folder; the 8 questions."""
     rows = tasks.toy_task(300, seed=0)
+    if os.path.isdir(folder):  # saved by the parent (rows_qlora): its build is not in this process's memory
+        return [r["question"] for r in rows[:STEP_PROMPTS]]
     tokenizer = tiny.build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=1024)
     net = build_qwen3(**MODELS[model]).cpu()
     net.config.eos_token_id, net.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -308,14 +315,15 @@ def case_step(spec):
     spec["length"] tokens (no reference model for the ours and trl sides); work is the completions per step."""
     out = tempfile.mkdtemp(prefix="nmgrpo-bench-")
     atexit.register(shutil.rmtree, out, ignore_errors=True)
-    questions = save_step_model(os.path.join(out, "model"), spec["model"])
-    folder = os.path.join(out, "model")
-    generations = spec.get("generations", STEP_GENERATIONS)
-    if spec["side"] in ("lora", "full"):  # micro-batches of 8 prompts' worth of completions at most 64
+    folder = spec.get("folder") or os.path.join(out, "model")
+    questions = save_step_model(folder, spec["model"])
+    prompts, generations = spec.get("prompts", STEP_PROMPTS), spec.get("generations", STEP_GENERATIONS)
+    if spec["side"] in ("lora", "full", "qlora"):  # micro-batches of at most 64 completions
         one = step_ours(folder, questions, spec["length"], out, divergence_type="neural_mirror",
-                        use_lora=spec["side"] == "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                        num_generations=generations, precision=spec.get("precision", "fp32"),
-                        gradient_accumulation_steps=max(1, STEP_PROMPTS * generations // 64))
+                        use_lora=spec["side"] != "full", load_in_4bit=spec["side"] == "qlora", lora_r=16,
+                        lora_alpha=32, lora_dropout=0.0, batch_size=prompts, num_generations=generations,
+                        precision=spec.get("precision", "fp32"),
+                        gradient_accumulation_steps=max(1, prompts * generations // 64))
     elif spec["side"] in ("native", "backend_trl"):  # NMGRPO, full fine-tuning against a frozen copy
         one = {"native": step_ours, "backend_trl": step_backend_trl}[spec["side"]](
             folder, questions, spec["length"], out, divergence_type="neural_mirror")
@@ -328,7 +336,7 @@ def case_step(spec):
         longest = one()
         assert longest == spec["length"], f"a completion of {longest} tokens, not {spec['length']}"
 
-    return step, STEP_PROMPTS * generations
+    return step, prompts * generations
 
 
 def case_copy(spec):
@@ -451,6 +459,23 @@ def rows_lora(full, repeats):
                   "s/step", lora_, full_ft, lambda r: r["seconds"])
 
 
+def rows_qlora(full, repeats):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        print("qlora rows skipped: pip install bitsandbytes accelerate (bench-only extras)", file=sys.stderr)
+        return
+    cuda = DEVICE.type == "cuda"
+    prompts, generations, length, precision = (8, 8, 256, "bf16") if cuda else (2, 4, 16, "fp32")
+    folder = tempfile.mkdtemp(prefix="nmgrpo-bench-")  # one saved model for the three sides, built here
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    save_step_model(os.path.join(folder, "model"), "qwen3-0.6b")
+    spec = dict(case="step", model="qwen3-0.6b", prompts=prompts, generations=generations, length=length,
+                precision=precision, repeats=repeats, setup_counts=True, folder=os.path.join(folder, "model"))
+    full_ft, lora_, qlora = (measure(**spec, side=s) for s in ("full", "lora", "qlora"))
+    shape = f"qwen3-0.6b {precision}, {prompts} x {generations} x {length} tok"
+    for peer, name in ((lora_, "LoRA r16"), (full_ft, "full fine-tuning")):
+        yield row(f"QLoRA-4bit r16 vs {name} (ours)", shape, "s/step", qlora, peer, lambda r: r["seconds"])
+
+
 def rows_mirror(full, repeats):
     shape = LOGPROB_SHAPES["quick"]
     ours = measure(case="mirror", shape=dict(tokens=shape["tokens"]), repeats=repeats)
@@ -503,7 +528,7 @@ def rows_gpu(full, repeats):
 
 
 ROWS = {"sampler": rows_sampler, "logprobs": rows_logprobs, "mirror": rows_mirror, "step": rows_step,
-        "lora": rows_lora, "trl": rows_trl, "gpu": rows_gpu}
+        "lora": rows_lora, "qlora": rows_qlora, "trl": rows_trl, "gpu": rows_gpu}
 
 
 def main():

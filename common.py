@@ -18,6 +18,9 @@ import warnings
 from tqdm import tqdm
 
 log = logging.getLogger("nmgrpo")  # the one console path: log.info, log.warning
+# bitsandbytes (imported by peft, which transformers imports when it is installed) warns on CPUs with avx512-bf16
+# that an optional kernel from the Hub did not load; it falls back to its own, so the line is noise at every start
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def did_you_mean(name, options):
@@ -69,7 +72,10 @@ class _Console(logging.Handler):
 
 
 def configure_logging(level="INFO", rank=0):
-    """Show `level` and above on rank 0, nothing on the other ranks."""
+    """Show `level` and above on rank 0, nothing on the other ranks; transformers' own progress bars (loading and
+    writing weights, at every checkpoint) off, so that they never cut through the run's bar."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     if not any(isinstance(h, _Console) for h in log.handlers):
         log.addHandler(_Console())
         log.propagate = False

@@ -2,9 +2,13 @@
 
 Every key of AlignTune's schema either maps to a Config field here or stops with an error that
 names it and says why; nothing is silently dropped. The nested schema (algo, model, datasets,
-train, logging, distributed, caching, chat_template, rewards) is recognised by its sections; a flat
-mapping of our own field names passes through untouched. Imports nothing of ours but the leaf common.py.
+train, logging, distributed, caching, chat_template, rewards) is recognised by its sections, and each section
+also takes any of our own field names, so every knob is reachable from YAML; a flat mapping of our field names
+(or AlignTune's RENAMES of them) passes through. Imports nothing of ours but the leaf common.py.
 """
+import os
+import re
+
 from common import did_you_mean
 
 # algo -> the settings it implies (anything the config sets explicitly wins)
@@ -12,7 +16,14 @@ ALGOS = {"nmgrpo": {"divergence_type": "neural_mirror"}, "grpo": {"divergence_ty
          "dapo": {"loss_type": "dapo", "divergence_type": "none"},
          "drgrpo": {"loss_type": "dr_grpo", "scale_rewards": "none", "divergence_type": "none"}}
 
-# section -> {AlignTune key: our field}; None: accepted only at the value in NEUTRAL (it changes nothing here)
+# AlignTune's names of our fields, taken on every surface: keyword arguments, config files, YAML sections, flags
+RENAMES = {"wandb_run_name": "run_name", "use_peft": "use_lora", "use_gradient_checkpointing": "gradient_checkpointing",
+           "config_name": "dataset_config", "subset": "dataset_config", "kl_coef": "beta", "cliprange": "epsilon",
+           "epochs": "num_epochs", "per_device_batch_size": "batch_size",
+           "per_device_eval_batch_size": "eval_batch_size", "eval_interval": "eval_steps", "save_interval": "save_steps"}
+
+# section -> {AlignTune key: our field}; None: accepted only at the value in NEUTRAL (it changes nothing here);
+# "percent": a share of the split (percent_split)
 MODEL = {"name_or_path": "model_name", "precision": "precision", "gradient_checkpointing": "gradient_checkpointing",
          "max_seq_length": "max_seq_length", "use_peft": "use_lora", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
          "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules",
@@ -20,7 +31,7 @@ MODEL = {"name_or_path": "model_name", "precision": "precision", "gradient_check
          "disable_dropout": None, "trust_remote_code": None, "device_map": None, "attn_implementation": None}
 DATASET = {"name": "dataset_name", "split": "split", "config_name": "dataset_config", "subset": "dataset_config",
            "column_mapping": "column_mapping", "system_prompt": "system_prompt", "max_samples": "max_samples",
-           "processing_fn": "processing_fn", "percent": None, "task_type": None, "weight": None}
+           "processing_fn": "processing_fn", "percent": "percent", "task_type": None, "weight": None}
 TRAIN = {"epochs": "num_epochs", "max_steps": "max_steps", "per_device_batch_size": "batch_size",
          "batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation_steps",
          "learning_rate": "learning_rate", "num_generations": "num_generations",
@@ -41,7 +52,7 @@ TRAIN = {"epochs": "num_epochs", "max_steps": "max_steps", "per_device_batch_siz
 LOGGING = {"output_dir": "output_dir", "run_name": "run_name", "loggers": "loggers", "report_to": "report_to",
            "wandb_project": "wandb_project", "logging_steps": "logging_steps", "save_steps": "save_steps",
            "eval_steps": "eval_steps", "log_level": "log_level", "sample_logging": "sample_logging"}
-DISTRIBUTED = {"backend": None, "nodes": None, "gpus_per_node": None, "seed": "seed"}
+DISTRIBUTED = {"backend": "distributed", "seed": "seed"}  # nodes and gpus_per_node: check_processes
 CACHING = {"root": "cache_dir", "enabled": None}
 SECTIONS = {"model": MODEL, "train": TRAIN, "training": TRAIN, "logging": LOGGING, "distributed": DISTRIBUTED,
             "caching": CACHING}
@@ -50,17 +61,13 @@ TOP = ("algo", "algorithm", "model", "datasets", "dataset", "train", "training",
 # keys accepted without a field, at the values that mean what we always do
 NEUTRAL = {"model.disable_dropout": (True,), "model.trust_remote_code": (False,), "model.device_map": (None, "auto"),
            "model.attn_implementation": (None, "auto"),
-           "datasets.percent": (None, 100), "datasets.task_type": (None, "conversation", "grpo"),
+           "datasets.task_type": (None, "conversation", "grpo"),
            "datasets.weight": (1, 1.0), "train.save_strategy": ("steps",), "train.eval_strategy": ("steps",),
            "train.logging_strategy": ("steps",), "train.use_cache": (None, False, True, (False,)),
-           "train.group_by_length": (True, False), "distributed.backend": ("single",), "distributed.nodes": (1,),
-           "distributed.gpus_per_node": (1,), "caching.enabled": (True, False)}
-WHY = {"distributed.backend": "only 'single' runs in this version",
-       "distributed.nodes": "one node in this version", "distributed.gpus_per_node": "one GPU per run in this version",
-       "model.trust_remote_code": "models load with transformers' own code",
+           "train.group_by_length": (True, False), "caching.enabled": (True, False)}
+WHY = {"model.trust_remote_code": "models load with transformers' own code",
        "model.attn_implementation": "the model's default attention runs", "model.device_map": "one device per run",
        "train.eval_strategy": "eval runs every eval_steps (0: at the end only)",
-       "datasets.percent": "give the slice in split instead, e.g. split: 'train[:10%]'",
        "model.disable_dropout": "dropout is always off (the sampler and learner must agree)"}
 
 
@@ -80,14 +87,14 @@ def _neutral(path, value):
     raise ValueError(f"{path}={value!r} is not supported: {why}; remove the key or set it to {ok[0]!r}")
 
 
-def _section(name, values, table, out):
+def _section(name, values, table, out, fields):
     if not isinstance(values, dict):
         raise ValueError(f"'{name}' should be a mapping of keys, got {type(values).__name__}")
     for key, value in values.items():
         path = f"{name}.{key}"
-        if key not in table:
-            raise ValueError(f"unknown key '{path}'{did_you_mean(key, table)}: it maps to nothing here")
-        field = table[key]
+        if key not in table and key not in RENAMES and key not in fields:
+            raise ValueError(f"unknown key '{path}'{did_you_mean(key, [*table, *fields])}: it maps to nothing here")
+        field = table[key] if key in table else RENAMES.get(key, key)
         if field is None:
             _neutral(f"{'datasets' if name == 'dataset' else name.replace('training', 'train')}.{key}", value)
         elif field in out and out[field] != value:
@@ -106,33 +113,78 @@ def column_mapping(mapping):
     if not mapping:
         return mapping
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-        raise ValueError(f"column_mapping={mapping!r} should map names to names, "
+        raise ValueError(f"column_mapping={mapping!r} should be a dict of names to names, "
                          "e.g. {prompt: question, text: answer}")
     if all(k in ROLE for k in mapping) and not all(v in ("prompt", "reference") for v in mapping.values()):
         return {column: ROLE[role] for role, column in mapping.items()}
     return dict(mapping)
 
 
-def from_nested(data):
-    """Our {field: value} from a config in AlignTune's nested schema; ValueError names any key that maps to nothing."""
-    for key in data:
-        if key not in TOP:
-            raise ValueError(f"unknown top-level key '{key}'{did_you_mean(key, TOP)}; AlignTune's sections are "
-                             f"{', '.join(TOP)}")
+def check_processes(nodes=1, gpus_per_node=1):
+    """ValueError when AlignTune's distributed.nodes x gpus_per_node is not the number of processes torchrun started."""
+    for name, n in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"distributed.{name}={n!r} should be a positive integer")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if nodes * gpus_per_node != world:
+        raise ValueError(f"distributed: nodes={nodes} x gpus_per_node={gpus_per_node} processes, but this run has "
+                         f"{world}: the processes come from torchrun; launch with torchrun --nnodes {nodes} "
+                         f"--nproc_per_node {gpus_per_node} train.py ..., or drop the two keys")
+
+
+def percent_split(split, percent):
+    """AlignTune's percent of a split as a slice of it: ('train', 10) -> 'train[:10%]'."""
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100:
+        raise ValueError(f"percent={percent!r} should be a number in (0, 100]")
+    if not isinstance(split, str) or not re.fullmatch(r"[\w.-]+", split):
+        raise ValueError(f"percent={percent} and split={split!r}: give one slice, e.g. split='train[:{percent:g}%]'")
+    return split if percent == 100 else f"{split}[:{percent:g}%]"
+
+
+def rename(values):
+    """A flat mapping with AlignTune's names (RENAMES) as our fields and its percent folded into split."""
     out = {}
+    for key, value in values.items():
+        field = RENAMES.get(key, key)
+        if field in out and out[field] != value:
+            raise ValueError(f"'{key}' sets {field}={value!r}, which another key already set to {out[field]!r}")
+        out[field] = column_mapping(value) if field == "column_mapping" else value
+    if "percent" in out:
+        out["split"] = percent_split(out.get("split", "train"), out.pop("percent"))
+    return out
+
+
+def from_nested(data, fields=()):
+    """Our {field: value} from a config in AlignTune's nested schema; ValueError names any key that maps to nothing.
+    `fields` (our field names) are taken in every section and at the top level."""
+    for key in data:
+        if key not in TOP and key not in fields and key not in RENAMES:
+            raise ValueError(f"unknown top-level key '{key}'{did_you_mean(key, [*TOP, *fields])}; AlignTune's "
+                             f"sections are {', '.join(TOP)}")
+    out = rename({k: v for k, v in data.items() if k not in TOP})
     algo = str(data.get("algo", data.get("algorithm", "nmgrpo"))).lower()
     if algo not in ALGOS:
         raise ValueError(f"algo={algo!r}: this trainer runs {', '.join(ALGOS)}{did_you_mean(algo, ALGOS)}")
+    dist = data.get("distributed")
+    if isinstance(dist, dict):
+        dist = {k: v for k, v in dist.items() if k not in ("nodes", "gpus_per_node")
+                and (k, v) != ("backend", "single")}  # single: one process, what runs without torchrun
+        check_processes(data["distributed"].get("nodes", 1), data["distributed"].get("gpus_per_node", 1))
+    elif isinstance(dist, str):  # our field, distributed: fsdp
+        out["distributed"], dist = dist, None
     for name in ("model", "train", "training", "logging", "distributed", "caching"):
-        if name in data and data[name] is not None:
-            _section(name, data[name], SECTIONS[name], out)
+        section = dist if name == "distributed" else data.get(name)
+        if section is not None:
+            _section(name, section, SECTIONS[name], out, fields)
     sets = data.get("datasets", data.get("dataset"))
     if sets is not None:
         sets = [sets] if isinstance(sets, dict) else sets
         if not isinstance(sets, list) or len(sets) != 1:
             got = len(sets) if isinstance(sets, list) else repr(sets)
             raise ValueError(f"datasets: give exactly one dataset (got {got}); mixtures are not supported here")
-        _section("datasets", sets[0], DATASET, out)
+        _section("datasets", sets[0], DATASET, out, fields)
+    if "percent" in out:
+        out["split"] = percent_split(out.get("split", "train"), out.pop("percent"))
     if "column_mapping" in out:
         out["column_mapping"] = column_mapping(out["column_mapping"])
     if "sample_logging" in out:  # enabled: every rollout of a logging step goes to samples.jsonl
@@ -171,12 +223,16 @@ def from_nested(data):
 
 
 # AlignTune's CLI flags (dashes as underscores) -> our fields; comma lists are split for LISTS
-FLAGS = {"model": "model_name", "dataset": "dataset_name", "output": "output_dir", "epochs": "num_epochs",
-         "batch_size": "batch_size", "lr": "learning_rate", "max_length": "max_seq_length", "use_peft": "use_lora",
-         "lora_targets": "lora_target_modules", "config_name": "dataset_config", "subset": "dataset_config",
-         "grad_accum": "gradient_accumulation_steps", "kl_coef": "beta", "cliprange": "epsilon",
-         "eval_batch_size": "eval_batch_size", "eval_interval": "eval_steps", "save_interval": "save_steps",
-         "cache_dir": "cache_dir", "use_gradient_checkpointing": "gradient_checkpointing"}
+FLAGS = {**RENAMES, "model": "model_name", "dataset": "dataset_name", "output": "output_dir", "lr": "learning_rate",
+         "max_length": "max_seq_length", "lora_targets": "lora_target_modules",
+         "grad_accum": "gradient_accumulation_steps"}
+SHORT = {"-m": "--model", "-d": "--dataset", "-o": "--output", "-c": "--config"}
+# flags that set a field to a fixed value: --bf16, --4bit (=false: leave the field as it is)
+SWITCHES = {"bf16": ("precision", "bf16"), "fp16": ("precision", "fp16"), "fp32": ("precision", "fp32"),
+            "4bit": ("load_in_4bit", True), "8bit": ("load_in_8bit", True)}
+# --col-prompt COLUMN: that dataset column plays the role
+COLUMNS = {"col_prompt": "prompt", "col_question": "prompt", "col_response": "reference", "col_answer": "reference",
+           "col_reference": "reference", "col_text": "reference", "col_completion": "reference"}
 LISTS = ("reward_functions", "reward_function_weights", "loggers", "lora_target_modules")
 
 
@@ -187,8 +243,3 @@ def algo_settings(name):
         raise ValueError(f"--type={name!r}: this trainer runs {', '.join(ALGOS)}{did_you_mean(name, ALGOS)}")
     return dict(ALGOS[name])
 
-
-# create_rl_trainer's keyword names -> our fields
-KWARGS = {"num_epochs": "num_epochs", "batch_size": "batch_size", "use_peft": "use_lora", "max_seq_length":
-          "max_seq_length", "use_gradient_checkpointing": "gradient_checkpointing", "config_name": "dataset_config",
-          "kl_coef": "beta", "cliprange": "epsilon", "cache_dir": "cache_dir", "eval_batch_size": "eval_batch_size"}

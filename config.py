@@ -28,7 +28,7 @@ class Config:
     precision: str = _f("auto", "auto / fp32 / bf16 / fp16 (auto: bf16 where the device supports it, else fp32)", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory", "model")
     max_seq_length: int = _f(512, "longest prompt+completion the model is asked to handle (checked against its context)", "model")
-    enable_thinking: Optional[bool] = _f(None, "passed to the chat template (Qwen3 thinking mode); None leaves the template's default", "model")
+    enable_thinking: Optional[bool] = _f(False, "passed to the chat template (Qwen3's thinking mode; off, as AlignTune); None leaves the template's default", "model")
     device: str = _f("auto", "auto / cpu / cuda / cuda:N", "model")
     # lora
     use_lora: bool = _f(False, "train LoRA adapters instead of every weight; the reference policy is the base with adapters off", "lora")
@@ -37,18 +37,25 @@ class Config:
     lora_dropout: float = _f(0.05, "dropout on the adapter's input while learning (the sampler runs without it, so > 0 adds noise to the ratio)", "lora")
     lora_target_modules: Any = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear leaf names to adapt, or 'all-linear' (every Linear but lm_head)", "lora")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)", "lora")
+    load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4 bits (bitsandbytes); needs use_lora", "lora")
+    load_in_8bit: bool = _f(False, "load the frozen base in 8 bits (bitsandbytes LLM.int8); needs use_lora", "lora")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 (QLoRA's) or fp4", "lora")
+    bnb_4bit_use_double_quant: bool = _f(True, "quantize the 4-bit blocks' scales too (QLoRA's double quantization)", "lora")
+    bnb_4bit_compute_dtype: str = _f("auto", "dtype the 4-bit matmuls run in: auto (the run's precision) / fp32 / bf16 / fp16", "lora")
     # data
     dataset_name: Any = _f("openai/gsm8k", "Hub name, local file/folder (json/jsonl/csv/parquet), 'toy', or a list of dicts", "data")
     dataset_config: Optional[str] = _f(None, "dataset config name (gsm8k's is 'main'; presets fill it)", "data")
     split: str = _f("train", "training split in HF syntax, e.g. 'train[:1%]'", "data")
-    eval_split: Optional[str] = _f(None, "held-out split (e.g. 'test[:200]'); None carves eval_size prompts off train", "data")
-    eval_size: int = _f(64, "held-out prompts carved off train when eval_split is None (0: no eval)", "data")
+    eval_split: Optional[str] = _f(None, "held-out split, used whole (e.g. 'test[:200]'); None: the first eval_size rows of the dataset's own test (else validation) split, or, without one, eval_size prompts carved off train; 'carve': always carve", "data")
+    eval_size: int = _f(64, "held-out prompts when eval_split is None or 'carve'; a carve never leaves fewer than one batch of training prompts; 0: no eval", "data")
     max_samples: Optional[int] = _f(None, "cap on training examples", "data")
     column_mapping: dict = _f({}, "dataset column -> role ('prompt', 'reference'), e.g. {'question': 'prompt'}", "data")
     system_prompt: Optional[str] = _f(None, "system message put before every prompt", "data")
     chat_template: Optional[str] = _f("auto", "'auto' or None: the tokenizer's own; 'none': plain text; else a Jinja template", "data")
     cache_dir: Optional[str] = _f(None, "where Hugging Face models and datasets are cached (None: their default)", "data")
     processing_fn: Any = _f(None, "callable row -> row (or 'module:function') applied before mapping", "data")
+    processing_batched: bool = _f(False, "processing_fn takes and returns a batch (a dict of lists), as datasets.map(batched=True)", "data")
+    data_seed: Optional[int] = _f(None, "seed of the data order and the eval carve (None: seed)", "data")
     # training
     num_epochs: int = _f(1, "passes over the training prompts (used when max_steps <= 0)", "training")
     max_steps: int = _f(1600, "sampling steps; > 0 overrides num_epochs (--epochs alone sets it to -1)", "training")
@@ -75,7 +82,7 @@ class Config:
     epsilon_low: Optional[float] = _f(None, "lower clip range (default: epsilon)", "grpo")
     epsilon_high: Optional[float] = _f(None, "upper clip range (default: epsilon; DAPO uses 0.28)", "grpo")
     num_iterations: int = _f(1, "optimizer passes over each sampled batch (mu); > 1 uses old log-probs", "grpo")
-    loss_type: str = _f("grpo", "grpo (per-sequence mean) / bnpo (tokens of this process) / dr_grpo / dapo (tokens of all processes)", "grpo")
+    loss_type: str = _f("dapo", "grpo (per-sequence mean) / bnpo (tokens of this process) / dr_grpo / dapo (tokens of all processes)", "grpo")
     scale_rewards: str = _f("group", "divide advantages by the std of: group / batch / none (Dr. GRPO)", "grpo")
     mask_truncated_completions: bool = _f(False, "drop completions that hit max_completion_length from the loss", "grpo")
     # regulariser
@@ -107,7 +114,7 @@ class Config:
     rewards: Optional[list] = _f(None, "the other form: [{'type': name, 'weight': w, 'params': {...}}, ...]", "rewards")
     # logging, eval, checkpoints
     output_dir: str = _f("./output", "metrics.jsonl, samples.jsonl and checkpoints go here", "logging")
-    run_name: Optional[str] = _f(None, "the run's name for the loggers (None: output_dir's name)", "logging")
+    run_name: Optional[str] = _f(None, "the run's name for the loggers (None: output_dir's name); AlignTune's wandb_run_name", "logging")
     loggers: list = _f([], "besides metrics.jsonl: 'tensorboard', 'wandb' (optional extras)", "logging")
     wandb_project: Optional[str] = _f(None, "wandb project (None: 'nmgrpo'); WANDB_MODE=offline is respected", "logging")
     memory_metrics: bool = _f(True, "peak memory per phase in the metrics (resets the process's peak counters)", "logging")
@@ -133,6 +140,8 @@ CHOICES = {
     "scale_rewards": ("group", "batch", "none"),
     "divergence_type": ("neural_mirror", "kl", "prob_l2", "none"),
     "distributed": ("ddp", "fsdp"),
+    "bnb_4bit_quant_type": ("nf4", "fp4"),
+    "bnb_4bit_compute_dtype": ("auto", "fp32", "bf16", "fp16"),
     "es_fitness": ("accuracy", "reward"),
 }
 
@@ -206,6 +215,11 @@ def validate(cfg):
     if cfg.distributed == "fsdp" and cfg.precision == "fp16":
         raise ValueError("precision='fp16' with distributed='fsdp': each process would scale its own loss; use "
                          "precision='bf16'")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.use_lora:
+        raise ValueError(f"load_in_{'4' if cfg.load_in_4bit else '8'}bit=True needs use_lora=True: quantized weights "
+                         "cannot be trained, only LoRA adapters on top of them")
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit are both set: choose one")
     if cfg.mirror_path is not None and not os.path.isfile(cfg.mirror_path):
         raise ValueError(f"mirror_path={cfg.mirror_path!r} is not a file: give a mirror saved by es.py "
                          "(best_mirror.safetensors) or by NeuralMirror.save")

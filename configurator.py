@@ -18,27 +18,33 @@ from config import FIELDS, Config, base_type, make
 
 
 def load(argv):
-    """The Config of a command line: the config file's values, then the flags on top."""
+    """The Config of a command line: the config file's values, then the flags on top (--percent slices the split)."""
     path, flags = parse_args(argv)
-    return make({**(read_file(path) if path else {}), **flags})
+    values = {**(read_file(path) if path else {}), **flags}
+    if "percent" in values:
+        values["split"] = compat.percent_split(values.get("split", "train"), values.pop("percent"))
+    return make(values)
 
 
 def parse_args(argv):
     """(config file or None, {key: value}) from `--config FILE --key=value --key value ...`; AlignTune's
-    flag names are aliases (compat.FLAGS), and its --type/--algo sets what the algorithm implies unless a
-    flag sets it too; --epochs without --max-steps trains for those epochs."""
+    flag names are aliases (compat.FLAGS, SHORT, SWITCHES, COLUMNS), and its --type/--algo sets what the algorithm
+    implies unless a flag sets it too; --epochs without --max-steps trains for those epochs."""
     path, flags, algo, i = None, {}, {}, 0
+    known = [*FIELDS, *compat.FLAGS, *compat.SWITCHES, *compat.COLUMNS, "percent", "config", "type", "algo"]
     while i < len(argv):
-        arg = argv[i]
+        arg = compat.SHORT.get(argv[i], argv[i])
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}: use --key=value")
         name, eq, value = arg[2:].partition("=")
         name = name.replace("-", "_")
         key = compat.FLAGS.get(name, name)
+        if key not in known and key != "algorithm":
+            raise ValueError(f"unknown flag --{name}{did_you_mean(name, known)}")
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                if key in FIELDS and base_type(FIELDS[key].type)[0] is bool:
-                    value = "true"  # a bare boolean flag: --use-peft
+                if key in compat.SWITCHES or key in FIELDS and base_type(FIELDS[key].type)[0] is bool:
+                    value = "true"  # a bare boolean flag: --use-peft, --bf16
                 else:
                     raise ValueError(f"--{name} needs a value: --{name}=VALUE")
             else:
@@ -47,8 +53,14 @@ def parse_args(argv):
             path = value
         elif key in ("type", "algo", "algorithm"):  # AlignTune's --type nmgrpo
             algo = compat.algo_settings(value)
-        elif key not in FIELDS:
-            raise ValueError(f"unknown flag --{name}{did_you_mean(name, [*FIELDS, *compat.FLAGS])}")
+        elif key in compat.SWITCHES:  # --bf16, --4bit
+            field, setting = compat.SWITCHES[key]
+            if parse_value(name, value, bool):
+                flags[field] = setting
+        elif key in compat.COLUMNS:  # --col-prompt question
+            flags.setdefault("column_mapping", {})[value] = compat.COLUMNS[key]
+        elif key == "percent":
+            flags["percent"] = parse_value(name, value, float)
         else:
             text = value.strip()
             if key in compat.LISTS and not text.startswith("[") and text.lower() not in ("none", "null"):
@@ -63,11 +75,11 @@ def parse_args(argv):
     return path, flags
 
 
-def parse_value(key, text):
-    """Turn the string of a `--key=value` flag into the field's type; ValueError names the key."""
-    tp, optional = base_type(FIELDS[key].type)
+def parse_value(key, text, tp=None):
+    """Turn the string of a `--key=value` flag into the field's type (or `tp`); ValueError names the key."""
+    tp, optional = (tp, False) if tp else base_type(FIELDS[key].type)
     low = text.strip().lower()
-    if optional and low in ("none", "null"):
+    if optional and (low == "null" or low == "none" and key != "chat_template"):  # chat_template 'none': plain text
         return None
     try:
         if tp is bool:
@@ -100,8 +112,8 @@ def read_file(path):
         with open(path) as f:
             exec(compile(f.read(), path, "exec"), scope)
         skip = (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)
-        return {k: v for k, v in scope.items() if k in FIELDS or not (
-            k.startswith("_") or k.isupper() or isinstance(v, skip) or _is_typing(v))}
+        return compat.rename({k: v for k, v in scope.items() if k in FIELDS or not (
+            k.startswith("_") or k.isupper() or isinstance(v, skip) or _is_typing(v))})
     if ext not in (".json", ".yaml", ".yml"):
         raise ValueError(f"config file {path!r}: use a .py, .json or .yaml file")
     yaml, kind = None if ext == ".json" else _yaml(), "JSON" if ext == ".json" else "YAML"
@@ -112,7 +124,7 @@ def read_file(path):
         raise ValueError(f"config file {path!r} is not valid {kind}: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} should hold a mapping of fields")
-    data = compat.from_nested(data) if compat.is_nested(data) else data
+    data = compat.from_nested(data, FIELDS) if compat.is_nested(data) else compat.rename(data)
     for k, v in data.items():  # PyYAML reads 1e-5 (no dot) as a string
         if yaml and isinstance(v, str) and k in FIELDS and base_type(FIELDS[k].type)[0] is float:
             data[k] = parse_value(k, v)
@@ -141,5 +153,8 @@ def describe():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         lines.append(f"  --{f.name}={default!r}\n      {f.metadata['doc']}")
     lines.append("\nAlignTune's flags work too: --type/--algo NAME, " +
-                 ", ".join(f"--{k.replace('_', '-')} ({v})" for k, v in compat.FLAGS.items()))
+                 ", ".join(f"--{k.replace('_', '-')} ({v})" for k, v in compat.FLAGS.items()) + ", " +
+                 ", ".join(f"--{k} ({f}={v!r})" for k, (f, v) in compat.SWITCHES.items()) + ", " +
+                 ", ".join(f"--{k.replace('_', '-')} COLUMN (its {r})" for k, r in compat.COLUMNS.items()) +
+                 ", --percent P (split[:P%]), " + ", ".join(f"{s} ({f})" for s, f in compat.SHORT.items()))
     return "\n".join(lines)

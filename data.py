@@ -4,19 +4,19 @@ load_examples turns a Hub dataset, a local file or folder, an in-memory list or 
 task into lists of {"prompt", "reference", **other columns}; render_prompt applies the chat template;
 encode_prompts left-pads token ids; batch_indices is the deterministic, rank-aware shuffled stream.
 """
-import logging
+import functools
 import os
 import random
+from collections import Counter
 
 import torch
 from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset, load_from_disk
 
-from common import callable_from
-from tasks import preset_for, resolve_mapping, toy_task
-
-log = logging.getLogger(__name__)
+from common import callable_from, log
+from tasks import preset_by_shape, preset_for, resolve_mapping, toy_task
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+EVAL_SPLITS = ("test", "validation")  # a source's own held-out splits, the first found is used
 
 
 # ----------------------------------------------------------------------------- loading
@@ -29,6 +29,11 @@ def _split_rows(splits, split):
         rows += (table.select(range(part.from_, part.to)).to_list() if isinstance(table, Dataset)
                  else [dict(r) for r in table[part.from_:part.to]])
     return rows
+
+
+def _rows(table):
+    """A Dataset's rows as dicts; a list as it is."""
+    return table.to_list() if isinstance(table, Dataset) else table
 
 
 def _load(source, config_name, split, seed, max_samples, cache_dir=None):
@@ -57,14 +62,50 @@ def _load(source, config_name, split, seed, max_samples, cache_dir=None):
                          "name, go online, or give a local file or folder") from None
 
 
+def _first(table, n):
+    """The first n rows (all for None) of a Dataset or a list, as the same kind."""
+    if n is None:
+        return table
+    return table.select(range(min(n, len(table)))) if isinstance(table, Dataset) else table[:n]
+
+
+def _checked(fn, batched, rows, indices):
+    """fn(rows) as Dataset.map(with_indices=True) calls it; ValueError unless it returns one row (a dict) or,
+    batched, a batch (a dict of equal-length lists)."""
+    out = fn(rows)
+    lists = isinstance(out, dict) and all(hasattr(v, "__len__") and not isinstance(v, (str, bytes, dict))
+                                          for v in out.values())
+    if batched and not (lists and len({len(v) for v in out.values()}) <= 1):
+        raise ValueError(f"processing_fn returned {out!r:.200} for the batch of rows {indices[0]}-{indices[-1]}, "
+                         "not a dict of equal-length lists: with processing_batched=True it gets and returns a batch "
+                         "(a dict of lists, as datasets.map(batched=True)); set processing_batched=False for a "
+                         "function of one row")
+    if not batched and not isinstance(out, dict):
+        raise ValueError(f"processing_fn returned {out!r:.200} for row {indices}, not a dict: return the row "
+                         "(processing_batched=True gives it a batch, a dict of lists, instead)")
+    return out
+
+
+def _process(table, fn, batched):
+    """The rows of table (a Dataset or a list of row dicts) through a processing_fn, called as
+    Dataset.map(fn, batched=batched) calls it: one row (a dict) or a batch (a dict of lists) at a time."""
+    check = functools.partial(_checked, fn, batched)
+    if batched and not isinstance(table, Dataset):
+        table = Dataset.from_list(table)
+    if isinstance(table, Dataset):
+        return table.map(check, batched=batched, with_indices=True, remove_columns=table.column_names,
+                         keep_in_memory=True, desc="processing_fn").to_list()
+    return [check(row, i) for i, row in enumerate(table)]
+
+
 def _to_examples(rows, column_mapping, extract):
     """Rename mapped columns, extract references, keep every other column untouched."""
     if not rows:
         return []
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
     if bad is not None:
-        raise ValueError(f"row {bad} is {rows[bad]!r:.200}, not a dict (a processing_fn must return the row)")
-    mapping = resolve_mapping(rows[0].keys(), column_mapping)
+        raise ValueError(f"row {bad} is {rows[bad]!r:.200}, not a dict: give rows as {{column: value}} dicts")
+    mapping = resolve_mapping(rows[0], column_mapping)
     ref_src = next((s for s, d in mapping.items() if d == "reference"), None)
     examples = []
     for i, row in enumerate(rows):
@@ -87,53 +128,101 @@ def _prompt_key(prompt):
     return " ".join(str(prompt).split()).casefold()
 
 
-def load_examples(source, *, config_name=None, split="train", eval_split=None, eval_size=0,
-                  max_samples=None, column_mapping=None, processing_fn=None, seed=42, cache_dir=None):
+def _own_eval_split(load, split, size):
+    """(name, its first `size` rows) of the source's first split of EVAL_SPLITS that `split` does not read from;
+    None when it has none."""
+    for name in EVAL_SPLITS:
+        if name not in {part.split("[")[0].strip() for part in split.split("+")}:
+            try:
+                return name, load(name, size)
+            except ValueError as e:
+                if "Unknown split" not in str(e):
+                    raise
+    return None
+
+
+def _carve(train, size, keep, seed, split):
+    """(train, eval): `size` examples held out by a seeded shuffle; fewer, with a warning, where `size` would
+    leave under `keep` training examples once the ones repeating a held-out prompt are dropped too."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    counts, held, left = Counter(_prompt_key(ex["prompt"]) for ex in train), set(), []
+    for i in order[:size]:
+        key = _prompt_key(train[i]["prompt"])
+        left.append((left[-1] if left else len(train)) - (counts[key] if key not in held else 0))
+        held.add(key)
+    n = next((k for k, m in enumerate(left) if m < keep), size)
+    if n < size:
+        log.warning(f"eval: holding out {n} prompts instead of eval_size={size}: {size} would leave {left[-1]} of "
+                    f"the {len(train)} training prompts of split={split!r} (a held-out prompt leaves training with "
+                    f"its repeats), fewer than one batch ({keep}); give an eval_split, or more data for a full eval")
+    chosen = set(order[:n])
+    return [ex for i, ex in enumerate(train) if i not in chosen], [train[i] for i in sorted(chosen)]
+
+
+def load_examples(source, *, config_name=None, split="train", eval_split=None, eval_size=0, max_samples=None,
+                  column_mapping=None, processing_fn=None, processing_batched=False, seed=42, min_train=0,
+                  cache_dir=None):
     """(train, eval) lists of {"prompt", "reference", **other columns} from one source.
 
     source: a Hub name, a .json/.jsonl/.csv/.parquet file (one "train" split), a folder (save_to_disk or data
     files), a list of dicts, or "toy" (toy_task of max_samples or 2000 rows, seeded by `seed`). A preset
-    (tasks.py) applies to Hub names, "toy" and local folders named like one ("mbpp/") that hold its columns; a
+    (tasks.py) applies to Hub names, "toy" and local folders named like one ("mbpp/") that hold its columns,
+    and, without a column_mapping, to a local source whose rows have one's shape (tasks.preset_by_shape); a
     column_mapping ({source column: "prompt" | "reference" | new name}) replaces its mapping and row builder.
-    max_samples keeps the first rows of `split`. eval comes from eval_split (capped to eval_size rows when > 0),
-    else eval_size rows carved off train by a seeded shuffle; train rows whose prompt is in eval are dropped.
+    processing_fn gets and returns one row, or with processing_batched a batch (a dict of lists), as
+    Dataset.map(batched=processing_batched) passes it. max_samples keeps the first rows of `split`.
+    eval: eval_split (its first eval_size rows when eval_size > 0); else, when eval_size > 0, the first eval_size
+    rows of the source's own "test" (else "validation") split, else (or with eval_split="carve") eval_size rows
+    carved off train by a shuffle seeded by `seed`, fewer where more would leave under min_train (one batch). Train rows
+    whose prompt is in eval are dropped; a ValueError when that leaves under min_train (or none).
     """
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
-    preset, local = {}, isinstance(source, str) and os.path.isdir(source)
-    if isinstance(source, str) and (local or not os.path.exists(source)):
-        preset = preset_for(os.path.basename(os.path.normpath(source))) or {}
+    local = not isinstance(source, str) or os.path.exists(source)  # a list, file or folder
+    preset = {} if not isinstance(source, str) or os.path.isfile(source) else \
+        preset_for(os.path.basename(os.path.normpath(source))) or {}
     config_name = config_name or preset.get("config_name")
     user_fn = None if processing_fn is None else callable_from(processing_fn, "processing_fn")
+    keep = max(min_train, 1)
 
-    def examples(split_, cap):
-        table = _load(source, config_name, split_, seed, max_samples, cache_dir)
-        if cap is not None:
-            table = table.select(range(min(cap, len(table)))) if isinstance(table, Dataset) else table[:cap]
-        rows = table.to_list() if isinstance(table, Dataset) else table
-        use = preset and not (local and rows and not set(preset["needs"]) <= rows[0].keys())  # a folder of other data
-        row_fn = preset["row"] if use and "row" in preset and not column_mapping else None
-        rows = [row_fn(r) for r in rows] if row_fn else rows
-        rows = [user_fn(r) for r in rows] if user_fn else rows
-        return _to_examples(rows, column_mapping or (preset["columns"] if use else None),
-                            preset.get("extract", {}) if use else {})
+    def load(split_, cap):
+        return _first(_load(source, config_name, split_, seed, max_samples, cache_dir), cap)
 
-    train = examples(split, max_samples)
-    if eval_split is not None:
-        eval_ = examples(eval_split, eval_size or None)
+    train_table = load(split, max_samples)
+    head = _rows(_first(train_table, 20))
+    if preset and local and head and not set(preset["needs"]) <= head[0].keys():
+        preset = {}  # a folder named like a preset that holds other data
+    if not preset and local and not column_mapping and (shape := preset_by_shape(head)):
+        what = f"dataset_name={source!r}" if isinstance(source, str) else f"the list of {len(source)} rows"
+        log.info(f"{what} has {shape[0]}'s columns {sorted(head[0])}: its preset maps them (a column_mapping "
+                 "would replace it)")
+        preset = shape[1]
+    row_fn = None if column_mapping else preset.get("row")
+
+    def examples(table):
+        rows = [row_fn(r) for r in _rows(table)] if row_fn else table
+        rows = _process(rows, user_fn, processing_batched) if user_fn else _rows(rows)
+        return _to_examples(rows, column_mapping or preset.get("columns"), preset.get("extract", {}))
+
+    train, eval_, where = examples(train_table), [], None
+    if eval_split not in (None, "carve"):
+        eval_, where = examples(load(eval_split, eval_size or None)), f"eval_split={eval_split!r}"
+    elif eval_size > 0 and eval_split is None and (own := _own_eval_split(load, split, eval_size)):
+        eval_, where = examples(own[1]), f"the dataset's {own[0]!r} split"
+        log.info(f"eval: the first {len(eval_)} prompts of {where} (eval_split=None, eval_size={eval_size}); "
+                 "set eval_split to choose others, or eval_size=0 for none")
     elif eval_size > 0:
-        if eval_size >= len(train):
-            raise ValueError(f"eval_size={eval_size} leaves no training data ({len(train)} examples); lower it")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held = set(order[:eval_size])
-        eval_ = [train[i] for i in sorted(held)]
-        train = [ex for i, ex in enumerate(train) if i not in held]
-    else:
-        eval_ = []
+        train, eval_ = _carve(train, eval_size, keep, seed, split)
     seen = {_prompt_key(ex["prompt"]) for ex in eval_}
     kept = [ex for ex in train if _prompt_key(ex["prompt"]) not in seen]
-    if len(kept) < len(train):
-        log.info("dropped %d training examples whose prompt is in the eval set", len(train) - len(kept))
+    dropped = len(train) - len(kept)
+    if dropped and len(kept) < keep:
+        raise ValueError(f"{dropped} of the {len(train)} training prompts are also in the eval set ({where}) and "
+                         f"were dropped, so that none is both trained and evaluated on, leaving {len(kept)}"
+                         + (f", fewer than one batch ({keep})" if kept else "")
+                         + ": give another eval_split, set eval_size=0, or deduplicate the data")
+    if dropped:
+        log.info(f"dropped {dropped} training examples whose prompt is in the eval set")
     return kept, eval_
 
 

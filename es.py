@@ -263,7 +263,7 @@ def inner_config(cfg, t, output_dir):
     """The Config of an inner run of iteration t: es_inner_steps steps with seed + t (common to the iteration),
     scored once at the end on es_eval_samples prompts carved off the training split, quietly, into output_dir."""
     return dataclasses.replace(
-        cfg, seed=cfg.seed + t, max_steps=cfg.es_inner_steps, eval_split=None, eval_size=cfg.es_eval_samples,
+        cfg, seed=cfg.seed + t, max_steps=cfg.es_inner_steps, eval_split="carve", eval_size=cfg.es_eval_samples,
         eval_steps=0, eval_on_start=False, save_steps=0, loggers=[], log_completions=False, resume=None,
         mirror_path=None, output_dir=output_dir, log_level="ERROR" if cfg.log_level == "ERROR" else "WARNING")
 

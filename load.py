@@ -4,6 +4,7 @@ Device and precision, the model and tokenizer (with LoRA adapters), the task's e
 prompts, the rewards, the mirror, the optimizer and schedule, the number of steps, the check that a run never
 writes over an earlier one, and the choice of the best eval.
 """
+import logging
 import math
 import os
 
@@ -41,12 +42,36 @@ def check_fresh(cfg):
                          "or give a new output_dir")
 
 
-def model_and_tokenizer(name, device, cfg, dtype=torch.float32):
-    """A causal LM (weights in `dtype`, dropout off) and its tokenizer through from_pretrained."""
+def quantization(cfg, amp_dtype):
+    """transformers' BitsAndBytesConfig for load_in_4bit / load_in_8bit, None without. Its default skips
+    (the output embedding, tied weights) keep the lm_head unquantized, as the log-prob kernel reads it."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    try:
+        import accelerate  # noqa: F401  (device_map)
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(f"load_in_{'4' if cfg.load_in_4bit else '8'}bit=True needs bitsandbytes and accelerate: "
+                         "pip install bitsandbytes accelerate") from None
+    from transformers import BitsAndBytesConfig
+    if cfg.load_in_8bit:
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # "cast to fp16", every call
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = {"auto": amp_dtype or torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+               "fp16": torch.float16}[cfg.bnb_4bit_compute_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def model_and_tokenizer(name, device, cfg, dtype=torch.float32, quantization_config=None):
+    """A causal LM (weights in `dtype`, dropout off) and its tokenizer through from_pretrained; with a
+    `quantization_config` its linears (not the lm_head) are bitsandbytes', loaded straight onto `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    quantized = {} if quantization_config is None else dict(quantization_config=quantization_config,
+                                                            device_map={"": device})
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name or name, cache_dir=cfg.cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, cache_dir=cfg.cache_dir, **quantized)
     except OSError as e:
         raise ValueError(f"model_name={name!r} could not be loaded ({str(e).splitlines()[0]}): give a local "
                          "folder with config.json and weights, or a Hub name while online") from None
@@ -67,19 +92,27 @@ def model_and_tokenizer(name, device, cfg, dtype=torch.float32):
     for m in model.modules():  # sampler and learner must see the same function of the weights
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # a CPU Linear4bit repacks at its first no-grad eval forward
+            m.support_avx512bf16_for_cpu = False  # (bf16 scales), then backprops nothing to its input
     if hasattr(model.config, "attention_dropout"):
         model.config.attention_dropout = 0.0
-    return model.to(device).train(), tokenizer
+    return (model if quantized else model.to(device)).train(), tokenizer  # a quantized model cannot move
 
 
 def policy(cfg, device, amp_dtype, sharded=False):
     """The model to train (with its LoRA adapters when use_lora) and its tokenizer. Full fine-tuning keeps
     fp32 master weights under autocast; a frozen LoRA base is stored in bf16 when the run is bf16 (fp16 keeps
-    it in fp32: fp16 weights overflow too easily; FSDP too: a shard group holds one dtype), adapters in fp32."""
+    it in fp32: fp16 weights overflow too easily; FSDP too: a shard group holds one dtype), adapters in fp32.
+    load_in_4bit / load_in_8bit: the base's linears stay quantized (QLoRA), the rest as a LoRA base."""
     if cfg.distributed == "fsdp" and not sharded:
         log.info("note: distributed='fsdp' shards over torchrun's processes; this single process holds the whole model")
+    quant = quantization(cfg, amp_dtype)
+    if quant is not None and sharded:
+        raise ValueError("load_in_4bit / load_in_8bit with distributed='fsdp': FSDP cannot shard bitsandbytes' "
+                         "packed weights; use distributed='ddp' (each process holds the quantized model)")
     bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded
-    model, tokenizer = model_and_tokenizer(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32)
+    model, tokenizer = model_and_tokenizer(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32,
+                                           quant)
     if cfg.use_lora:
         t = cfg.lora_target_modules  # 'all-linear', a list, or 'q_proj,v_proj'
         targets = t if t == "all-linear" else [x.strip() for x in t.split(",")] if isinstance(t, str) else list(t)
@@ -112,17 +145,27 @@ def reward_fns(cfg, device=None):
                            cfg.reward_function_weights, device=device)
 
 
+def data_seed(cfg):
+    """The seed of the data order and the eval carve: data_seed, else seed."""
+    return cfg.data_seed if cfg.data_seed is not None else cfg.seed
+
+
 def task(cfg, tokenizer, reward_list, world=1):
     """(train examples, held-out examples), each with its prompt rendered as model input in ex["text"],
-    checked against the rewards' columns and the batch size."""
+    checked against the batch size and the rewards' columns."""
+    batch = cfg.batch_size * world
     train_set, eval_set = data.load_examples(
         cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.split, eval_split=cfg.eval_split,
-        eval_size=cfg.eval_size if cfg.eval_split is None else 0, max_samples=cfg.max_samples,
-        column_mapping=cfg.column_mapping, processing_fn=cfg.processing_fn, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    rewards.check_columns(reward_list, train_set[0].keys() if train_set else ())
-    if len(train_set) < cfg.batch_size * world:
-        raise ValueError(f"{len(train_set)} training prompts cannot fill batch_size={cfg.batch_size} "
-                         f"x {world} process(es): lower batch_size or add data")
+        eval_size=cfg.eval_size if cfg.eval_split in (None, "carve") else 0, max_samples=cfg.max_samples,
+        column_mapping=cfg.column_mapping, processing_fn=cfg.processing_fn, processing_batched=cfg.processing_batched,
+        seed=data_seed(cfg), min_train=batch, cache_dir=cfg.cache_dir)
+    if len(train_set) < batch:
+        raise ValueError(f"{len(train_set)} training prompts cannot fill one batch (batch_size={cfg.batch_size} x "
+                         f"{world} process(es)): they are the rows of split={cfg.split!r}, capped by max_samples="
+                         f"{cfg.max_samples}, less the eval prompts (eval_size={cfg.eval_size}, eval_split="
+                         f"{cfg.eval_split!r}); widen split, raise max_samples, lower eval_size or batch_size, or "
+                         "add data")
+    rewards.check_columns(reward_list, train_set[0].keys())
     for ex in train_set + eval_set:
         ex["text"] = data.render_prompt(tokenizer, ex["prompt"], cfg.system_prompt, cfg.enable_thinking)
     return train_set, eval_set

@@ -1,8 +1,9 @@
 """Manual LoRA with PEFT's numerics and file layout: inject, adapters on/off, save and load.
 
 A wrapped linear computes  W x + (B A dropout(x)) * scaling  (scaling = alpha/r, alpha/sqrt(r) with rslora), W frozen
-in the base dtype, A and B trainable in fp32. B starts at zero, so the adapted model is the base at step 0; with
-the adapters off it *is* the base: the reference policy costs no copy. PeftModel loads our files, load_adapter PEFT's.
+in the base dtype or quantized (bitsandbytes' Linear4bit / Linear8bitLt: QLoRA), A and B trainable in fp32. B starts
+at zero, so the adapted model is the base at step 0; with the adapters off it *is* the base: the reference policy
+costs no copy. PeftModel loads our files, load_adapter PEFT's.
 """
 import contextlib
 import json
@@ -28,7 +29,8 @@ UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "fan_in_fan_ou
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear (`base_layer`) plus a trainable low-rank update, PEFT's LoRA numerics."""
+    """A frozen nn.Linear (`base_layer`; a quantized one packs its weight, so its shape comes from in_features
+    and out_features) plus a trainable low-rank update, PEFT's LoRA numerics."""
 
     def __init__(self, base_layer, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
@@ -67,8 +69,9 @@ def lora_parameters(model):
 
 
 def inject(model, targets=DEFAULT_TARGETS, r=64, alpha=64, dropout=0.05, rslora=False):
-    """Wrap every nn.Linear whose last name component is in `targets` ("all-linear": every one but the
-    output embedding) in a LoRALinear, in place; freeze all other parameters. Returns the wrapped names."""
+    """Wrap every nn.Linear (bitsandbytes' quantized linears are subclasses) whose last name component is in
+    `targets` ("all-linear": every one but the output embedding) in a LoRALinear, in place; freeze all other
+    parameters. Returns the wrapped names."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:

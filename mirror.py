@@ -184,8 +184,8 @@ def divergence(kind, logp, ref_logp, *, mirror=None, coef=0.0, beta=0.0):
     """Per-token regulariser, logp's shape and float32 (float64 for float64 logp), differentiable w.r.t. logp.
 
     From the sampled tokens' log-probs under policy (logp) and reference (ref_logp), in float64: neural_mirror:
-    coef * D_h(p || p_ref); kl: beta * (exp(lr - lp) - (lr - lp) - 1) (k3); prob_l2: coef * (p - p_ref)^2 / 2;
-    none: zeros (ref_logp may be None)."""
+    coef * D_h(p || p_ref); kl: beta * (exp(lr - lp) - (lr - lp) - 1) (k3); prob_l2: coef * (p - p_ref)^2 (AlignTune's
+    ProbL2); none: zeros (ref_logp may be None)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence {kind!r}{did_you_mean(kind, DIVERGENCES)}; known: "
                          f"{', '.join(DIVERGENCES)}")
@@ -199,7 +199,7 @@ def divergence(kind, logp, ref_logp, *, mirror=None, coef=0.0, beta=0.0):
         x = lr - lp
         return (beta * (torch.expm1(x) - x)).to(out)
     if kind == "prob_l2":
-        return (coef * 0.5 * (lp.exp() - lr.exp()) ** 2).to(out)
+        return (coef * (lp.exp() - lr.exp()) ** 2).to(out)
     if mirror is None:
         raise ValueError("divergence 'neural_mirror' needs mirror=NeuralMirror(...)")
     return (coef * mirror.bregman(lp.exp(), lr.exp())).to(out)

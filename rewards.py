@@ -51,7 +51,7 @@ import registry
 import rewards_code
 import rewards_models
 import rewards_text
-from common import callable_from, did_you_mean
+from common import callable_from, did_you_mean, log
 from registry import is_number, register
 
 FAMILIES = (rewards_text, rewards_models, rewards_code)  # importing a family registers its rewards
@@ -255,12 +255,20 @@ def score(rewards, texts, references, rows=None):
 
 
 def check_columns(rewards, columns):
-    """ValueError when a resolved reward needs a dataset column that `columns` (a row's keys) lacks."""
+    """Warn, once per reward, when a reward needs a dataset column that `columns` (a row's keys) lacks: it scores
+    0.0 on those rows (AlignTune runs it too); ValueError when that holds for every reward: nothing would be learnt."""
+    blind = []
     for r in rewards:
         needs = registry.SPECS[name].needs if (name := _registered(r.fn)) else ()
         if needs and not set(needs) & set(columns):
-            raise ValueError(f"reward {r.name!r} needs a {' or '.join(needs)} column, and the dataset has "
-                             f"{', '.join(sorted(columns))}: use a dataset with tests (e.g. mbpp) or drop the reward")
+            blind.append(f"reward {r.name!r} needs a {' or '.join(needs)} column, and the dataset has "
+                         f"{', '.join(sorted(columns)) or 'no columns'}")
+    if blind and len(blind) == len(rewards):
+        raise ValueError(f"{'; '.join(blind)}: every reward would score 0.0 on every row; use a dataset with tests "
+                         "(e.g. mbpp) or a reward that fits the data (e.g. math_correctness)")
+    for line in blind:
+        log.warning(f"{line}: it scores 0.0 on every row without tests, so it adds nothing to the advantages; the "
+                    "other rewards carry the signal")
 
 
 def catalogue():

@@ -255,11 +255,7 @@ def _execution_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_wo
 def _correctness_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto"):
     jobs = []
     for text, row in zip(texts, rows):
-        row = row or {}
-        if "test_list" not in row and "test_cases" not in row:
-            raise ValueError("code_correctness needs the row's tests: a test_list column (MBPP asserts) or "
-                             "test_cases (asserts, or {'input', 'expected_output'} stdin/stdout cases)")
-        code, tests = extract_code(text), _tests(row)
+        code, tests = extract_code(text), _tests(row or {})
         setup = "\n".join([*_as_list(row.get("test_imports") or []), row.get("test_setup_code") or ""])
         jobs.append({"mode": "test", "code": code, "setup": setup, "tests": tests} if code.strip() and tests else None)
     results = sandbox_lib.run_all(jobs, timeout, memory_mb, max_workers, sandbox)
@@ -291,10 +287,10 @@ def code_correctness(text, reference=None, timeout=5.0, memory_mb=512, max_worke
     test_setup_code run after the code) and test_cases (a list, or its JSON string, of assert strings or {"input",
     "expected_output" (or "output")} cases: the code runs as __main__ on that stdin, and its stdout must match up to
     trailing whitespace; AlignTune instead calls the first function with "input"). A test string that does not parse or
-    holds no assert statement is an error, as is a row without either column; empty tests score 0.0. The code is loaded
-    once (as module "solution"), and code that fails to load passes no assert. Asserts see its names, but not those that
-    shadow a builtin, and the builtins as they were before it ran, so `def set(...)` or `builtins.sorted = ...` cannot
-    change what a test means (a patched module can: see sandbox.run). One run holds all of a completion's tests, under
-    the params of code_execution; tests passed before a timeout count.
+    holds no assert statement is an error; a row without tests scores 0.0 (check_columns warns at start). The code is
+    loaded once (as module "solution"), and code that fails to load passes no assert. Asserts see its names, but not
+    those that shadow a builtin, and the builtins as they were before it ran, so `def set(...)` or `builtins.sorted =
+    ...` cannot change what a test means (a patched module can: see sandbox.run). One run holds all of a completion's
+    tests, under the params of code_execution; tests passed before a timeout count.
     """
     return _correctness_batch([text], [reference], [kwargs], timeout, memory_mb, max_workers, sandbox)[0]

@@ -1,33 +1,47 @@
 """Known datasets and the offline toy task: what data.py needs to know about them.
 
 Columns named like a prompt or a reference (PROMPT_ALIASES, REFERENCE_ALIASES) are mapped to those roles
-when no mapping names them. A preset (looked up by the dataset's name, 'openai/gsm8k' -> gsm8k) gives a
-dataset's config name, the columns it needs, its column mapping, a row builder (MBPP's prompt) and how to
-extract the reference (GSM8K's number after '####', MATH's last \\boxed{}). toy_task writes GSM8K-style word
-problems, so the demo and the tests run without the Hub.
+when no mapping names them. A preset (looked up by the dataset's name, 'openai/gsm8k' -> gsm8k, or recognised by
+the shape of local rows, preset_by_shape) gives a dataset's config name, the columns it needs, its column
+mapping, a row builder (MBPP's prompt) and how to extract the reference (GSM8K's number after '####', MATH's last
+\\boxed{}). toy_task writes GSM8K-style word problems, so the demo and the tests run without the Hub.
 """
 import ast
 import builtins
 import random
+import re
 
 PROMPT_ALIASES = ("prompt", "query", "instruction", "question", "input")  # auto-detected, the first match wins
 REFERENCE_ALIASES = ("reference", "answer", "response", "solution", "completion")
+PROMPT_LIKE = ("text", "problem", "task", "description", "content")  # suggested for a mapping, in this order
+NOT_PROMPT = ("answer", "reference", "response", "solution", "completion", "output", "target", "label", "code",
+              "test", "id")  # words that start no column name suggested as the prompt
 
 
-def resolve_mapping(columns, column_mapping):
-    """{source column: target}: the given mapping, then auto-detected prompt/reference columns."""
-    mapping = dict(column_mapping or {})
-    missing = [c for c in mapping if c not in columns]
+def prompt_guess(row):
+    """The column of `row` that looks like the prompt: the first of PROMPT_LIKE, else the longest string column
+    whose name is not reference-, code- or test-like; None when there is none."""
+    plain = [c for c, v in row.items() if isinstance(v, str)
+             and not any(w.startswith(NOT_PROMPT) for w in re.split(r"[\W_]+", c.lower()))]
+    return next((c for c in PROMPT_LIKE if c in row), None) or max(plain, key=lambda c: len(row[c]), default=None)
+
+
+def resolve_mapping(row, column_mapping):
+    """{source column: target} for rows like `row`: the given mapping, then auto-detected prompt/reference columns."""
+    mapping, columns = dict(column_mapping or {}), sorted(row)
+    missing = [c for c in mapping if c not in row]
     if missing:
-        raise ValueError(f"column(s) {missing} not found; the dataset has {sorted(columns)}: "
+        raise ValueError(f"column(s) {missing} not found; the dataset has {columns}: "
                          "set column_mapping={source column: 'prompt' | 'reference'} to match")
     for role, aliases in (("prompt", PROMPT_ALIASES), ("reference", REFERENCE_ALIASES)):
-        found = [c for c in aliases if c in columns and c not in mapping]
+        found = [c for c in aliases if c in row and c not in mapping]
         if role not in mapping.values() and found:
             mapping[found[0]] = role
     if "prompt" not in mapping.values():
-        raise ValueError(f"no prompt column among {sorted(columns)}; name it with column_mapping, "
-                         f"e.g. column_mapping={{'{sorted(columns)[0]}': 'prompt'}}")
+        guess = prompt_guess({c: v for c, v in row.items() if c not in mapping})
+        raise ValueError(f"no prompt column among {columns}; name it with column_mapping, e.g. "
+                         + (f"column_mapping={{{guess!r}: 'prompt'}}" if guess else
+                            "column_mapping={'<the column with the task>': 'prompt'}"))
     return mapping
 
 
@@ -90,6 +104,20 @@ PRESETS = {"gsm8k": GSM8K, "toy": GSM8K, "mbpp": MBPP, "math": MATH, "competitio
 def preset_for(name):
     """The preset of a dataset, looked up by its name's basename ('openai/gsm8k' -> gsm8k); None if none."""
     return PRESETS.get(name.rsplit("/", 1)[-1].lower())
+
+
+SHAPES = {"mbpp": (MBPP, {"text": "", "code": "", "test_list": ""}),
+          "gsm8k": (GSM8K, {"question": "", "answer": "####"}),
+          "math": (MATH, {"problem": "", "solution": "\\boxed{"})}  # name: (preset, {column: text it always holds})
+
+
+def preset_by_shape(rows):
+    """(name, preset) of the first shape in SHAPES that every row of `rows` (a few first rows) has: its columns,
+    and GSM8K's '####' in the answer or MATH's \\boxed{} in the solution; None for none."""
+    for name, (preset, marks) in SHAPES.items():
+        if rows and all(c in r and m in str(r[c] or "") for r in rows for c, m in marks.items()):
+            return name, preset
+    return None
 
 
 # ----------------------------------------------------------------------------- the toy task

@@ -9,7 +9,7 @@ raises the clipped likelihood ratio of the good ones. NMGRPO regularises toward 
 the Bregman divergence of a neural mirror map (mirror.py) instead of a KL. The choices made here:
 - The regulariser is a penalty on each sampled token, with p its probability under the policy and p_ref
   under the reference: neural_mirror adds mirror_coefficient * D_h(p || p_ref); kl adds beta times the k3
-  estimator p_ref/p - log(p_ref/p) - 1; prob_l2 adds mirror_coefficient * (p - p_ref)^2 / 2. The reference
+  estimator p_ref/p - log(p_ref/p) - 1; prob_l2 adds mirror_coefficient * (p - p_ref)^2. The reference
   is a frozen copy of the initial weights or, with LoRA, the same model with its adapters off.
 - loss_type sets each token's weight: grpo averages each sequence, then the sequences; bnpo and dapo divide
   by the step's tokens; dr_grpo by sequences x max_completion_length. The denominators count the whole step
@@ -281,8 +281,8 @@ def train_step(run):
     """Sample, score, learn: one step of the loop. Returns its metrics and its completions."""
     cfg, step = run.cfg, run.step
     t0 = time.perf_counter()
-    examples = [run.train_set[i] for i in data.batch_indices(len(run.train_set), cfg.batch_size, step, cfg.seed,
-                                                                run.rank, run.world)]
+    examples = [run.train_set[i] for i in data.batch_indices(len(run.train_set), cfg.batch_size, step,
+                                                                load.data_seed(cfg), run.rank, run.world)]
     seed = (cfg.seed * 1_000_003 + step * 10_007) % (2 ** 63)  # the same on every process, which takes its own
     gen = torch.Generator(run.device).manual_seed(seed)  # rows of the noise (sampler noise_rows): none are shared
     torch.manual_seed(seed + 7919 * (run.rank + 1))  # the global RNG (LoRA dropout), apart from the sampler's

@@ -181,6 +181,9 @@ def check(cfg, device):
     if cfg.torch_compile:
         raise ValueError("torch_compile=True compiles the native sampler and log-prob kernel, which backend='trl' "
                          "does not run: set torch_compile=False")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise ValueError("load_in_4bit / load_in_8bit: transformers' Trainer (under TRL) trains a quantized model "
+                         "only through PEFT's adapters, not ours: use backend='native'")
     if cfg.distributed != "ddp":
         raise ValueError(f"distributed={cfg.distributed!r}: backend='trl' shards through accelerate's own config "
                          "(accelerate launch --config_file ...); leave distributed='ddp'")
@@ -200,7 +203,7 @@ def grpo_config(cfg, total_steps, device, amp_dtype, reward_weights, has_eval, *
     loggers = [name for name in cfg.loggers if name in ("tensorboard", "wandb")]
     ours = dict(
         output_dir=cfg.output_dir, run_name=cfg.run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
-        seed=cfg.seed, use_cpu=device.type == "cpu", bf16=amp_dtype == torch.bfloat16,
+        seed=cfg.seed, data_seed=load.data_seed(cfg), use_cpu=device.type == "cpu", bf16=amp_dtype == torch.bfloat16,
         fp16=amp_dtype == torch.float16, activation_checkpointing=cfg.gradient_checkpointing,
         max_steps=total_steps * mu, num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.batch_size * cfg.num_generations // cfg.gradient_accumulation_steps,

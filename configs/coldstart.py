@@ -69,6 +69,8 @@ def prepare(folder, rows, exclude=(), steps=300, seed=0, label_noise=0.0, **size
     model = tiny.build_model(tokenizer, seed=seed, **sizes)
     sft(model, tokenizer, rows, steps, seed=seed)
     tmp = folder + ".tmp"
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar after the cold start's own
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)

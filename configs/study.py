@@ -38,6 +38,7 @@ max_completion_length = 16
 mirror_coefficient = 1.0  # weight of D (neural_mirror) and of prob_l2; at the default 1e-4 every run of an
 # ES iteration scored the same (the penalty changes no greedy answer in 50 steps), so ES had nothing to learn from
 reward_functions = ["math_correctness"]
+loss_type = "grpo"  # what docs/study was measured with (the default is now AlignTune's dapo)
 eval_steps = 0
 eval_batch_size = 200
 logging_steps = 10

@@ -122,8 +122,7 @@ def test_correctness_scores_mbpp_and_stdin_cases(sandbox):
               "with tempfile.TemporaryDirectory() as d:\n    open(os.path.join(d, 'f'), 'w').write('ok')\n"
               "open('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'\n" + ADD)
     assert code_correctness(stdlib, **MBPP, **p) == 1.0  # the audit hook leaves ordinary code alone
-    with pytest.raises(ValueError, match="test_list"):
-        code_correctness(ADD, **p)
+    assert code_correctness(ADD, **p) == 0.0  # a row without tests (check_columns warns at start)
 
 
 def test_execution(sandbox):
@@ -264,6 +263,15 @@ def test_hostile_code_scores_zero_and_harms_nothing(sandbox, tmp_path, monkeypat
     assert victim.poll() is None  # and so is the other one
     victim.kill()
     victim.wait()
+
+
+def test_the_code_sees_an_allow_listed_environment_and_no_secret(sandbox, monkeypatch):
+    for name in ("HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "NMGRPO_PLANTED"):
+        monkeypatch.setenv(name, "planted-secret")
+    names = "```python\nimport os\nprint(*sorted(os.environ))\n```"  # exactly the allow-list
+    assert code_correctness(names, sandbox=sandbox, test_cases=[{"input": "", "output": "HOME LANG PATH TMPDIR"}]) == 1
+    leak = "```python\nimport os\nprint('clean' if 'planted-secret' not in str(os.environ) else 'leak')\n```"
+    assert code_correctness(leak, sandbox=sandbox, test_cases=[{"input": "", "output": "clean"}]) == 1.0
 
 
 def test_hijacked_report_pipe_forges_nothing(sandbox):

@@ -200,7 +200,11 @@ BAD_YAML = [
     ("model: {name_or_path: m}\ntrain: {learning_rate: [1e-5\n", "not valid YAML"),
     ("algo: nmgrpo\nmodel: {name_or_path: m}\nmodle: {}\n", "did you mean 'model'"),
     ("algo: nmgrpo\nmodel: {name_or_path: m}\ntrain: {learnin_rate: 0.1}\n", "train.learnin_rate"),
-    ("algo: nmgrpo\nmodel: {name_or_path: m}\ndistributed: {backend: ddp}\n", "distributed.backend"),
+    ("algo: nmgrpo\nmodel: {name_or_path: m}\ndistributed: {backend: horovod}\n", "distributed='horovod'"),
+    ("algo: nmgrpo\ndistributed: {backend: ddp, nodes: 2, gpus_per_node: 4}\n", "torchrun --nnodes 2 --nproc_per_node 4"),
+    ("algo: nmgrpo\ntrain: {top_k: -1}\n", "top_k=-1 must be >= 0"),
+    ("algo: nmgrpo\ntrain: {es_populaton: 4}\n", "did you mean 'es_population'"),
+    ("algo: nmgrpo\ndatasets: [{name: d, split: 'train[:10]', percent: 5}]\n", "give one slice"),
     ("algo: dpo\nmodel: {name_or_path: m}\n", "algo='dpo'"),
     ("algo: nmgrpo\nmodel: {name_or_path: m}\ndatasets: [{name: a}, {name: b}]\n", "exactly one dataset"),
     ("algo: nmgrpo\nmodel: {name_or_path: m, trust_remote_code: maybe}\n", "model.trust_remote_code"),
@@ -284,7 +288,9 @@ def test_help_lists_every_knob_and_the_aliases(capsys):
     out = capsys.readouterr().out
     for f in config.FIELDS:
         assert f"--{f}=" in out, f
-    assert "--batch-size (batch_size)" in out and "--type/--algo" in out
+    for alias in ("--lr (learning_rate)", "--type/--algo", "--wandb-run-name (run_name)", "--bf16 (precision='bf16')",
+                  "--4bit (load_in_4bit=True)", "--col-prompt COLUMN", "--percent P", "-m (--model)"):
+        assert alias in out, alias
 
 
 def test_review_cases_epochs_bare_flags_paths_and_priorities(tmp_path, small):

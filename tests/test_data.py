@@ -1,16 +1,20 @@
 """data.py: loading, presets, eval carving, prompt rendering, encoding and the batch stream. Offline."""
 import copy
 import json
+import random
 import re
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
+import common
+import config
 import data
+import load
 import tasks
 import tiny
 
@@ -29,6 +33,15 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+@pytest.fixture
+def logged(caplog, monkeypatch):
+    """caplog with common.log's records (configure_logging stops them reaching the root logger caplog listens on)."""
+    common.configure_logging()  # its handler in place first, which turns propagation off
+    monkeypatch.setattr(common.log, "propagate", True)
+    with caplog.at_level("INFO", logger="nmgrpo"):
+        yield caplog
+
+
 def write(path, rows):
     """Write rows to a json/jsonl/csv/parquet file by suffix; returns the path as str."""
     ds = Dataset.from_list(rows)
@@ -43,9 +56,9 @@ def write(path, rows):
 def test_local_files_mapping_and_autodetect(tmp_path, suffix):
     path = write(tmp_path / f"d{suffix}", ROWS)
     mapped, ev = data.load_examples(path, column_mapping={"question": "prompt", "answer": "reference"})
-    auto, _ = data.load_examples(path)
-    expected = [{"prompt": r["question"], "reference": r["answer"]} for r in ROWS]
-    assert mapped == auto == expected and ev == []
+    assert mapped == [{"prompt": r["question"], "reference": r["answer"]} for r in ROWS] and ev == []
+    auto, _ = data.load_examples(path)  # GSM8K's shape: its preset extracts the number after '####'
+    assert auto == [{"prompt": r["question"], "reference": r["answer"].split("#### ")[1]} for r in ROWS]
 
 
 def test_split_syntax_and_max_samples(tmp_path):
@@ -122,14 +135,179 @@ def test_eval_carving_disjoint_with_duplicates():
     assert data.load_examples(rows, eval_size=5, seed=0) == (train, ev)
 
 
-def test_eval_split_overlap_removed(tmp_path, caplog):
+def test_eval_split_overlap_removed(tmp_path, logged):
     path = write(tmp_path / "d.jsonl", ROWS)
-    with caplog.at_level("INFO", logger="data"):
-        train, ev = data.load_examples(path, split="train", eval_split="train[:3]")
+    train, ev = data.load_examples(path, split="train", eval_split="train[:3]")
     assert len(ev) == 3 and len(train) == len(ROWS) - 3
-    assert "dropped 3" in caplog.text
+    assert "dropped 3" in logged.text
     _, ev = data.load_examples(path, eval_split="train[:5]", eval_size=2)
     assert len(ev) == 2
+
+
+def batched_upper(batch):
+    return {**batch, "question": [q.upper() for q in batch["question"]]}
+
+
+@pytest.mark.parametrize("as_file", [True, False])  # a Dataset through Dataset.map, and a list of rows
+def test_processing_fn_one_row_or_a_batch(tmp_path, as_file):
+    source = write(tmp_path / "d.jsonl", ROWS) if as_file else ROWS
+    by_row, _ = data.load_examples(source, processing_fn=lambda r: {**r, "question": r["question"].upper()})
+    by_batch, _ = data.load_examples(source, processing_fn=batched_upper, processing_batched=True)
+    assert by_row == by_batch and [e["prompt"] for e in by_row] == [r["question"].upper() for r in ROWS]
+    seen = []  # a batch is a dict of lists, as datasets.map(batched=True) passes it; it may change the row count
+    kept, _ = data.load_examples(source, processing_batched=True, processing_fn=lambda b: seen.append(b) or
+                                 {k: v[::2] for k, v in b.items()})
+    assert set(seen[0]) == {"question", "answer"} and seen[0]["question"] == [r["question"] for r in ROWS]
+    assert [e["prompt"] for e in kept] == [r["question"] for r in ROWS[::2]]
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+@pytest.mark.parametrize("fn,batched,message", [
+    (lambda r: None, False, r"returned None for row 0, not a dict: return the row"),
+    (lambda r: [r], False, r"for row 0, not a dict"),
+    (lambda b: {"question": "x", "answer": "1"}, True, r"batch of rows 0-11, not a dict of equal-length lists.*"
+                                                        r"processing_batched=False"),
+    (lambda b: {"question": b["question"], "answer": b["answer"][:1]}, True, "equal-length"),
+    (lambda b: None, True, "returned None for the batch"),
+])
+def test_processing_fn_of_the_wrong_shape_says_what_it_must_return(tmp_path, as_file, fn, batched, message):
+    source = write(tmp_path / "d.jsonl", ROWS) if as_file else ROWS
+    with pytest.raises(ValueError, match=message):
+        data.load_examples(source, processing_fn=fn, processing_batched=batched)
+
+
+# ----------------------------------------------------------------------------- the eval split policy
+
+def saved(tmp_path, **splits):
+    """A save_to_disk DatasetDict folder of the given splits (lists of rows)."""
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp_path / "saved"))
+    return str(tmp_path / "saved")
+
+
+def files(tmp_path, **splits):
+    """A folder of data files, one <split>.jsonl per split."""
+    (tmp_path / "files").mkdir()
+    for k, v in splits.items():
+        write(tmp_path / "files" / f"{k}.jsonl", v)
+    return str(tmp_path / "files")
+
+
+QA = [{"question": f"q{i}?", "answer": str(i)} for i in range(300)]  # a generic question/answer dataset
+
+
+@pytest.mark.parametrize("folder", [saved, files])
+def test_eval_comes_from_the_sources_own_test_then_validation_split(tmp_path, folder, logged):
+    source = folder(tmp_path, train=QA[:100], test=QA[100:200], validation=QA[200:])
+    train, ev = data.load_examples(source, eval_size=30)
+    assert train == [{"prompt": r["question"], "reference": r["answer"]} for r in QA[:100]]  # nothing carved
+    assert [e["prompt"] for e in ev] == [r["question"] for r in QA[100:130]]
+    assert "the first 30 prompts of the dataset's 'test' split" in logged.text
+    assert [e["prompt"] for e in data.load_examples(source, split="test", eval_size=5)[1]] == \
+        [r["question"] for r in QA[200:205]]  # never evaluated on the split it trains on
+    assert data.load_examples(source, eval_size=0)[1] == []
+
+
+def test_eval_from_the_validation_split_and_overlap_dropped(tmp_path):
+    source = saved(tmp_path, train=QA[:100], validation=QA[90:120])
+    train, ev = data.load_examples(source, eval_size=64)
+    assert [e["prompt"] for e in ev] == [r["question"] for r in QA[90:120]]
+    assert [e["prompt"] for e in train] == [r["question"] for r in QA[:90]]
+
+
+def test_one_percent_of_gsm8k_keeps_one_batch(tmp_path, logged):
+    rows = tasks.toy_task(7500, seed=0)  # 'train[:1%]' is 75 rows, as GSM8K's 7,473
+    test = [{"question": f"held out {i}?", "answer": f"#### {i}"} for i in range(100)]
+    train, ev = data.load_examples(files(tmp_path, train=rows, test=test), split="train[:1%]", eval_size=64,
+                                   min_train=16)
+    assert len(train) == 75 and len(ev) == 64 and not logged.records[-1].levelname == "WARNING"
+    train, ev = data.load_examples(write(tmp_path / "one.jsonl", rows), split="train[:1%]", eval_size=64,
+                                   min_train=16)  # no test split: carved, but never below one batch
+    assert len(train) == 16 and len(ev) == 59
+    warnings = [r.getMessage() for r in logged.records if r.levelname == "WARNING"]
+    assert warnings == ["eval: holding out 59 prompts instead of eval_size=64: 64 would leave 11 of the 75 training "
+                        "prompts of split='train[:1%]' (a held-out prompt leaves training with its repeats), fewer "
+                        "than one batch (16); give an eval_split, or more data for a full eval"]
+
+
+def test_the_demos_carve_is_unchanged():
+    train, ev = data.load_examples("toy", max_samples=2000, eval_size=200, seed=0)
+    rows = [{"prompt": r["question"], "reference": r["answer"].split("#### ")[1]} for r in tasks.toy_task(2000, seed=0)]
+    order = list(range(2000))
+    random.Random(0).shuffle(order)
+    held = set(order[:200])
+    expected_eval = [rows[i] for i in sorted(held)]
+    seen = {e["prompt"] for e in expected_eval}
+    assert ev == expected_eval
+    assert train == [r for i, r in enumerate(rows) if i not in held and r["prompt"] not in seen]
+
+
+def test_repeated_prompts_carve_less_or_say_they_were_all_dropped(tmp_path, logged):
+    rows = [{"prompt": "the same question", "reference": str(i)} for i in range(20)]
+    train, ev = data.load_examples(rows, eval_size=5)
+    assert len(train) == 20 and ev == [] and "holding out 0 prompts instead of eval_size=5" in logged.text
+    with pytest.raises(ValueError, match=r"^20 of the 20 training prompts are also in the eval set "
+                                         r"\(eval_split='train\[:1\]'\) and were dropped.*leaving 0: give another "
+                                         r"eval_split, set eval_size=0, or deduplicate the data$"):
+        data.load_examples(rows, eval_split="train[:1]")
+    source = saved(tmp_path, train=rows, test=rows[:1])
+    with pytest.raises(ValueError, match=r"20 of the 20 .*\(the dataset's 'test' split\)"):
+        data.load_examples(source, eval_size=5)
+
+
+# ----------------------------------------------------------------------------- presets by shape
+
+def test_local_sources_shaped_like_a_preset_get_it(tmp_path, logged):
+    train, _ = data.load_examples(write(tmp_path / "mbpp_copy.jsonl", MBPP_ROWS))
+    assert "`remove_Occ`" in train[0]["prompt"] and train[0]["reference"] == MBPP_ROWS[0]["code"]
+    assert "has mbpp's columns" in logged.text
+    math_rows = [{"problem": "1+1?", "solution": r"so \boxed{2}"}, {"problem": "2+2?", "solution": r"\boxed{4}."}]
+    assert [e["reference"] for e in data.load_examples(math_rows)[0]] == ["2", "4"]
+    gsm8k, _ = data.load_examples(saved(tmp_path, train=ROWS))
+    assert gsm8k[0]["reference"] == ROWS[0]["answer"].split("#### ")[1]
+    plain, _ = data.load_examples(QA[:3] + [{"question": "q?", "answer": "no marker #### here"}])
+    assert [e["reference"] for e in plain] == ["0", "1", "2", "no marker #### here"]  # no GSM8K extraction
+
+
+@pytest.mark.parametrize("row,guess", [
+    ({"code": "def f(): pass", "test_cases": "assert f() is None", "description": "Write f."}, "'description'"),
+    ({"code": "x" * 99, "body": "Write a function that adds two numbers.", "task_id": "abcdefghijklmnopqrstuvwxyz",
+      "canonical_solution": "y" * 99, "title": "add"}, "'body'"),
+    ({"code": "def f(): pass", "n": 3}, "'<the column with the task>'"),
+])
+def test_a_needed_mapping_suggests_a_prompt_like_column(row, guess):
+    with pytest.raises(ValueError, match=rf"no prompt column among .*column_mapping={{{guess}: 'prompt'}}$"):
+        data.load_examples([row])
+
+
+# ----------------------------------------------------------------------------- load.task
+
+def run_config(source, **kw):
+    return config.Config(dataset_name=source, device="cpu", **kw)
+
+
+def test_task_carves_with_data_seed_and_keeps_one_batch(tokenizer, tmp_path):
+    path = write(tmp_path / "d.jsonl", QA[:40])
+    rewards = load.reward_fns(run_config(path))
+    cfg = run_config(path, eval_size=8, batch_size=4, seed=1)
+    assert load.data_seed(cfg) == 1 and load.data_seed(run_config(path, seed=1, data_seed=7)) == 7
+    by_seed = load.task(cfg, tokenizer, rewards)[1]
+    assert by_seed == load.task(run_config(path, eval_size=8, batch_size=4, seed=2, data_seed=1), tokenizer, rewards)[1]
+    assert by_seed != load.task(run_config(path, eval_size=8, batch_size=4, seed=1, data_seed=2), tokenizer, rewards)[1]
+    train, ev = load.task(run_config(path, eval_size=64, batch_size=16), tokenizer, rewards, world=2)
+    assert len(train) == 32 and len(ev) == 8
+
+
+def test_task_says_which_settings_share_short_data(tokenizer, tmp_path):
+    path = write(tmp_path / "d.jsonl", QA[:40])
+    cfg = run_config(path, split="train[:25%]", max_samples=20, eval_size=64, batch_size=16)
+    with pytest.raises(ValueError, match=r"^10 training prompts cannot fill one batch \(batch_size=16 x 1 "
+                                         r"process\(es\)\): they are the rows of split='train\[:25%\]', capped by max_samples=20, less "
+                                         r"the eval prompts \(eval_size=64, eval_split=None\); widen split, raise "
+                                         r"max_samples, lower eval_size or batch_size, or add data$"):
+        load.task(cfg, tokenizer, load.reward_fns(cfg))
+    cfg = run_config(path, split="train[:2]", batch_size=16, reward_functions=["code_correctness"])
+    with pytest.raises(ValueError, match=r"^2 training prompts cannot fill one batch"):  # before the rewards' check
+        load.task(cfg, tokenizer, load.reward_fns(cfg))
 
 
 # ----------------------------------------------------------------------------- prompts

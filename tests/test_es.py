@@ -222,7 +222,9 @@ def test_cli_two_processes_real_runs(small, tmp_path):
     args = [f"--{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in small.items()
             if k != "output_dir"] + [
         "--es_population=4", "--es_iterations=2", "--es_inner_steps=2", "--es_eval_samples=8", "--es_fitness=reward",
-        "--mirror_init_scale=1", "--mirror_coefficient=1000", "--es_sigma=0.5", "--learning_rate=0.05",
+        # with these (grpo's per-sequence mean among them) the mirror moves the score
+        "--loss_type=grpo", "--mirror_init_scale=1", "--mirror_coefficient=1000", "--es_sigma=0.5",
+        "--learning_rate=0.05",
         '--rewards=[{"type": "length", "params": {"target_length": 3}}]', "--log_level=WARNING"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert es.main(args + [f"--output_dir={one}"]) == 0

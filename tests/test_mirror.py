@@ -242,7 +242,7 @@ def test_kl_k3():
 def test_prob_l2():
     lp, lr = _logps()
     out = divergence("prob_l2", lp, lr, coef=0.3)
-    assert torch.allclose(out, 0.3 * 0.5 * (lp.exp() - lr.exp()) ** 2, rtol=1e-5, atol=1e-10)
+    assert torch.allclose(out, 0.3 * (lp.exp() - lr.exp()) ** 2, rtol=1e-5, atol=1e-10)  # AlignTune's ProbL2
 
 
 def test_none_is_zeros_without_reference():
@@ -289,7 +289,7 @@ def test_gradient_flows_to_logp(kind):
     expected = {  # d/d logp of each regulariser, by hand
         "neural_mirror": 0.5 * (m.phi_inv(p) - m.phi_inv(pr)) * p,
         "kl": 0.5 * (1 - torch.exp(lrd - lpd)),
-        "prob_l2": 0.5 * (p - pr) * p,
+        "prob_l2": 0.5 * 2 * (p - pr) * p,
     }[kind]
     assert torch.isfinite(lp.grad).all() and lp.grad.abs().sum() > 0
     assert torch.allclose(lp.grad.double(), expected.detach(), rtol=1e-5, atol=1e-9)
