@@ -78,11 +78,11 @@ def create_rl_trainer(model_name=None, dataset_name=None, algorithm="nmgrpo", ba
         values["model_name"] = model_name
     if dataset_name is not None:
         values["dataset_name"] = dataset_name
-    given = compat.rename(kwargs)  # AlignTune's names (wandb_run_name, use_peft, ...) and percent
+    given = compat.rename(kwargs)  # AlignTune's names (wandb_run_name, use_peft, ...)
     values.update(given)
     for key, value in compat.algo_settings(algorithm).items():  # what the algorithm implies, unless set
         values.setdefault(key, value)
     if "num_epochs" in given and "max_steps" not in given:
         values.setdefault("max_steps", -1)
     values.setdefault("backend", backend)
-    return RLTrainer(config_lib.make(values))
+    return RLTrainer(config_lib.make(compat.fold_percent(values)))

@@ -5,6 +5,7 @@ The one leaf every file may import: it imports nothing of ours (and torch only w
 import contextlib
 import datetime
 import difflib
+import functools
 import importlib
 import json
 import logging
@@ -90,6 +91,12 @@ def kept_log_level():
         yield
     finally:
         log.setLevel(level)
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message):
+    """log.warning(message), once per process (es.py's inner runs would repeat a run's start-up warnings)."""
+    log.warning(message)
 
 
 def quiet():

@@ -23,7 +23,7 @@ RENAMES = {"wandb_run_name": "run_name", "use_peft": "use_lora", "use_gradient_c
            "per_device_eval_batch_size": "eval_batch_size", "eval_interval": "eval_steps", "save_interval": "save_steps"}
 
 # section -> {AlignTune key: our field}; None: accepted only at the value in NEUTRAL (it changes nothing here);
-# "percent": a share of the split (percent_split)
+# "percent": a share of the split (fold_percent)
 MODEL = {"name_or_path": "model_name", "precision": "precision", "gradient_checkpointing": "gradient_checkpointing",
          "max_seq_length": "max_seq_length", "use_peft": "use_lora", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
          "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules",
@@ -132,25 +132,31 @@ def check_processes(nodes=1, gpus_per_node=1):
                          f"--nproc_per_node {gpus_per_node} train.py ..., or drop the two keys")
 
 
-def percent_split(split, percent):
-    """AlignTune's percent of a split as a slice of it: ('train', 10) -> 'train[:10%]'."""
-    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100:
-        raise ValueError(f"percent={percent!r} should be a number in (0, 100]")
+def fold_percent(values):
+    """values with AlignTune's percent (the share of the split that trains) folded into split: {'split': 'train',
+    'percent': 10} -> {'split': 'train[:10%]'}. Called once, on the final merge of every surface."""
+    if "percent" not in values:
+        return values
+    values = dict(values)
+    split, percent = values.get("split", "train"), values.pop("percent")
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100 \
+            or not float(percent).is_integer():
+        raise ValueError(f"percent={percent!r} should be a whole number in [1, 100] (datasets slices by whole "
+                         "percents); for finer shares give rows, e.g. split='train[:1234]'")
     if not isinstance(split, str) or not re.fullmatch(r"[\w.-]+", split):
-        raise ValueError(f"percent={percent} and split={split!r}: give one slice, e.g. split='train[:{percent:g}%]'")
-    return split if percent == 100 else f"{split}[:{percent:g}%]"
+        raise ValueError(f"percent={percent} and split={split!r}: give one slice, e.g. "
+                         f"split='train[:{percent:g}%]'")
+    return {**values, "split": split if percent == 100 else f"{split}[:{int(percent)}%]"}
 
 
 def rename(values):
-    """A flat mapping with AlignTune's names (RENAMES) as our fields and its percent folded into split."""
+    """A flat mapping with AlignTune's names (RENAMES) as our fields; percent is kept for fold_percent."""
     out = {}
     for key, value in values.items():
         field = RENAMES.get(key, key)
         if field in out and out[field] != value:
             raise ValueError(f"'{key}' sets {field}={value!r}, which another key already set to {out[field]!r}")
         out[field] = column_mapping(value) if field == "column_mapping" else value
-    if "percent" in out:
-        out["split"] = percent_split(out.get("split", "train"), out.pop("percent"))
     return out
 
 
@@ -169,7 +175,8 @@ def from_nested(data, fields=()):
     if isinstance(dist, dict):
         dist = {k: v for k, v in dist.items() if k not in ("nodes", "gpus_per_node")
                 and (k, v) != ("backend", "single")}  # single: one process, what runs without torchrun
-        check_processes(data["distributed"].get("nodes", 1), data["distributed"].get("gpus_per_node", 1))
+        if {"nodes", "gpus_per_node"} & data["distributed"].keys():
+            check_processes(data["distributed"].get("nodes", 1), data["distributed"].get("gpus_per_node", 1))
     elif isinstance(dist, str):  # our field, distributed: fsdp
         out["distributed"], dist = dist, None
     for name in ("model", "train", "training", "logging", "distributed", "caching"):
@@ -183,8 +190,6 @@ def from_nested(data, fields=()):
             got = len(sets) if isinstance(sets, list) else repr(sets)
             raise ValueError(f"datasets: give exactly one dataset (got {got}); mixtures are not supported here")
         _section("datasets", sets[0], DATASET, out, fields)
-    if "percent" in out:
-        out["split"] = percent_split(out.get("split", "train"), out.pop("percent"))
     if "column_mapping" in out:
         out["column_mapping"] = column_mapping(out["column_mapping"])
     if "sample_logging" in out:  # enabled: every rollout of a logging step goes to samples.jsonl

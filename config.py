@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from common import did_you_mean
+from common import did_you_mean, warn_once
 
 
 def _f(default, doc, group):
@@ -220,6 +220,9 @@ def validate(cfg):
                          "cannot be trained, only LoRA adapters on top of them")
     if cfg.load_in_4bit and cfg.load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit are both set: choose one")
+    bnb = [k for k in FIELDS if k.startswith("bnb_4bit_") and getattr(cfg, k) != FIELDS[k].default]
+    if bnb and not cfg.load_in_4bit:
+        warn_once(f"{', '.join(bnb)} set, but they shape 4-bit loading only: without load_in_4bit=True they do nothing")
     if cfg.mirror_path is not None and not os.path.isfile(cfg.mirror_path):
         raise ValueError(f"mirror_path={cfg.mirror_path!r} is not a file: give a mirror saved by es.py "
                          "(best_mirror.safetensors) or by NeuralMirror.save")

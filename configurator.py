@@ -20,10 +20,7 @@ from config import FIELDS, Config, base_type, make
 def load(argv):
     """The Config of a command line: the config file's values, then the flags on top (--percent slices the split)."""
     path, flags = parse_args(argv)
-    values = {**(read_file(path) if path else {}), **flags}
-    if "percent" in values:
-        values["split"] = compat.percent_split(values.get("split", "train"), values.pop("percent"))
-    return make(values)
+    return make(compat.fold_percent({**(read_file(path) if path else {}), **flags}))
 
 
 def parse_args(argv):
@@ -42,7 +39,7 @@ def parse_args(argv):
         if key not in known and key != "algorithm":
             raise ValueError(f"unknown flag --{name}{did_you_mean(name, known)}")
         if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--") or argv[i + 1] in compat.SHORT:
                 if key in compat.SWITCHES or key in FIELDS and base_type(FIELDS[key].type)[0] is bool:
                     value = "true"  # a bare boolean flag: --use-peft, --bf16
                 else:
@@ -111,9 +108,8 @@ def read_file(path):
         scope = {"__file__": os.path.abspath(path), "__name__": "__config__"}
         with open(path) as f:
             exec(compile(f.read(), path, "exec"), scope)
-        skip = (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType)
         return compat.rename({k: v for k, v in scope.items() if k in FIELDS or not (
-            k.startswith("_") or k.isupper() or isinstance(v, skip) or _is_typing(v))})
+            k.startswith("_") or k.isupper() or callable(v) or isinstance(v, types.ModuleType) or _is_typing(v))})
     if ext not in (".json", ".yaml", ".yml"):
         raise ValueError(f"config file {path!r}: use a .py, .json or .yaml file")
     yaml, kind = None if ext == ".json" else _yaml(), "JSON" if ext == ".json" else "YAML"

@@ -8,11 +8,12 @@ import functools
 import os
 import random
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset, load_from_disk
 
-from common import callable_from, log
+from common import callable_from, log, warn_once
 from tasks import preset_by_shape, preset_for, resolve_mapping, toy_task
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -72,7 +73,8 @@ def _first(table, n):
 def _checked(fn, batched, rows, indices):
     """fn(rows) as Dataset.map(with_indices=True) calls it; ValueError unless it returns one row (a dict) or,
     batched, a batch (a dict of equal-length lists)."""
-    out = fn(rows)
+    out = fn(rows)  # a dict, or the Mapping (LazyRow, LazyBatch) it was given, changed in place
+    out = dict(out) if isinstance(out, Mapping) else out
     lists = isinstance(out, dict) and all(hasattr(v, "__len__") and not isinstance(v, (str, bytes, dict))
                                           for v in out.values())
     if batched and not (lists and len({len(v) for v in out.values()}) <= 1):
@@ -83,7 +85,7 @@ def _checked(fn, batched, rows, indices):
     if not batched and not isinstance(out, dict):
         raise ValueError(f"processing_fn returned {out!r:.200} for row {indices}, not a dict: return the row "
                          "(processing_batched=True gives it a batch, a dict of lists, instead)")
-    return out
+    return {k: list(v) for k, v in out.items()} if batched else out
 
 
 def _process(table, fn, batched):
@@ -153,9 +155,10 @@ def _carve(train, size, keep, seed, split):
         held.add(key)
     n = next((k for k, m in enumerate(left) if m < keep), size)
     if n < size:
-        log.warning(f"eval: holding out {n} prompts instead of eval_size={size}: {size} would leave {left[-1]} of "
-                    f"the {len(train)} training prompts of split={split!r} (a held-out prompt leaves training with "
-                    f"its repeats), fewer than one batch ({keep}); give an eval_split, or more data for a full eval")
+        warn_once(f"eval: holding out {n} prompts instead of eval_size={size}: {size} would leave {left[-1]} of the "
+                  f"{len(train)} training prompts of split={split!r} (a held-out prompt leaves training with its "
+                  f"repeats), fewer than one batch ({keep}: batch_size x processes); give an eval_split, widen split "
+                  "or raise max_samples for a full eval")
     chosen = set(order[:n])
     return [ex for i, ex in enumerate(train) if i not in chosen], [train[i] for i in sorted(chosen)]
 
@@ -202,7 +205,10 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
     def examples(table):
         rows = [row_fn(r) for r in _rows(table)] if row_fn else table
         rows = _process(rows, user_fn, processing_batched) if user_fn else _rows(rows)
-        return _to_examples(rows, column_mapping or preset.get("columns"), preset.get("extract", {}))
+        mapping = column_mapping or preset.get("columns")
+        if not column_mapping and mapping and rows and not set(mapping) <= rows[0].keys():
+            return _to_examples(rows, None, {})  # a processing_fn renamed the preset's columns: they are its own
+        return _to_examples(rows, mapping, preset.get("extract", {}))
 
     train, eval_, where = examples(train_table), [], None
     if eval_split not in (None, "carve"):
@@ -217,9 +223,10 @@ def load_examples(source, *, config_name=None, split="train", eval_split=None, e
     kept = [ex for ex in train if _prompt_key(ex["prompt"]) not in seen]
     dropped = len(train) - len(kept)
     if dropped and len(kept) < keep:
-        raise ValueError(f"{dropped} of the {len(train)} training prompts are also in the eval set ({where}) and "
-                         f"were dropped, so that none is both trained and evaluated on, leaving {len(kept)}"
-                         + (f", fewer than one batch ({keep})" if kept else "")
+        raise ValueError(f"{dropped} of the {len(train)} training prompts (split={split!r}, max_samples={max_samples}) "
+                         f"are also in the eval set ({where}, eval_size={eval_size}) and were dropped, so that none is "
+                         f"both trained and evaluated on, leaving {len(kept)}"
+                         + (f", fewer than one batch ({keep}: batch_size x processes)" if kept else "")
                          + ": give another eval_split, set eval_size=0, or deduplicate the data")
     if dropped:
         log.info(f"dropped {dropped} training examples whose prompt is in the eval set")

@@ -106,10 +106,10 @@ def policy(cfg, device, amp_dtype, sharded=False):
     load_in_4bit / load_in_8bit: the base's linears stay quantized (QLoRA), the rest as a LoRA base."""
     if cfg.distributed == "fsdp" and not sharded:
         log.info("note: distributed='fsdp' shards over torchrun's processes; this single process holds the whole model")
-    quant = quantization(cfg, amp_dtype)
-    if quant is not None and sharded:
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and sharded:
         raise ValueError("load_in_4bit / load_in_8bit with distributed='fsdp': FSDP cannot shard bitsandbytes' "
                          "packed weights; use distributed='ddp' (each process holds the quantized model)")
+    quant = quantization(cfg, amp_dtype)
     bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded
     model, tokenizer = model_and_tokenizer(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32,
                                            quant)

@@ -51,7 +51,7 @@ import registry
 import rewards_code
 import rewards_models
 import rewards_text
-from common import callable_from, did_you_mean, log
+from common import callable_from, did_you_mean, warn_once
 from registry import is_number, register
 
 FAMILIES = (rewards_text, rewards_models, rewards_code)  # importing a family registers its rewards
@@ -267,8 +267,8 @@ def check_columns(rewards, columns):
         raise ValueError(f"{'; '.join(blind)}: every reward would score 0.0 on every row; use a dataset with tests "
                          "(e.g. mbpp) or a reward that fits the data (e.g. math_correctness)")
     for line in blind:
-        log.warning(f"{line}: it scores 0.0 on every row without tests, so it adds nothing to the advantages; the "
-                    "other rewards carry the signal")
+        warn_once(f"{line}: it scores 0.0 on every row without tests, so it adds nothing to the advantages; the "
+                  "other rewards carry the signal")
 
 
 def catalogue():

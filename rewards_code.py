@@ -255,7 +255,8 @@ def _execution_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_wo
 def _correctness_batch(texts, references, rows, timeout=5.0, memory_mb=512, max_workers=None, sandbox="auto"):
     jobs = []
     for text, row in zip(texts, rows):
-        code, tests = extract_code(text), _tests(row or {})
+        row = row or {}
+        code, tests = extract_code(text), _tests(row)
         setup = "\n".join([*_as_list(row.get("test_imports") or []), row.get("test_setup_code") or ""])
         jobs.append({"mode": "test", "code": code, "setup": setup, "tests": tests} if code.strip() and tests else None)
     results = sandbox_lib.run_all(jobs, timeout, memory_mb, max_workers, sandbox)

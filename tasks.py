@@ -106,7 +106,7 @@ def preset_for(name):
     return PRESETS.get(name.rsplit("/", 1)[-1].lower())
 
 
-SHAPES = {"mbpp": (MBPP, {"text": "", "code": "", "test_list": ""}),
+SHAPES = {"mbpp": (MBPP, {"code": "", "test_list": ""}),  # full (text) or sanitized (prompt)
           "gsm8k": (GSM8K, {"question": "", "answer": "####"}),
           "math": (MATH, {"problem": "", "solution": "\\boxed{"})}  # name: (preset, {column: text it always holds})
 

@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import common  # noqa: E402
 import tasks  # noqa: E402
 import tiny  # noqa: E402
 
@@ -21,6 +22,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    """Each test sees the warnings common.warn_once gives once per process."""
+    common.warn_once.cache_clear()
 
 
 @pytest.fixture(scope="session")

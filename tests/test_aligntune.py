@@ -102,6 +102,17 @@ def test_distributed_process_count_is_checked_against_torchrun(tmp_path, monkeyp
         compat.from_nested(nested, config.FIELDS)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert compat.from_nested(nested, config.FIELDS)["distributed"] == "ddp"
+    backend_only = {"algo": "nmgrpo", "distributed": {"backend": "fsdp"}}  # the processes are torchrun's to say
+    assert compat.from_nested(backend_only, config.FIELDS)["distributed"] == "fsdp"
+
+
+def test_percent_is_folded_once_into_the_final_split(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algo: nmgrpo\ndatasets: [{name: d, split: test}]\n")
+    assert create_rl_trainer(config=str(path), percent=10).cfg.split == "test[:10%]"
+    assert configurator.load(["--config", str(path), "--percent", "10"]).split == "test[:10%]"
+    path.write_text("algo: nmgrpo\ndatasets: [{name: d, percent: 10}]\n")
+    assert configurator.load(["--config", str(path), "--split", "validation"]).split == "validation[:10%]"
 
 
 def test_aligntune_cli_flags():
@@ -114,13 +125,23 @@ def test_aligntune_cli_flags():
     assert configurator.parse_args(["--8bit"])[1] == {"load_in_8bit": True}
     assert configurator.parse_args(["--fp16"])[1] == {"precision": "fp16"}
     assert configurator.load(["--percent", "10"]).split == "train[:10%]"
-    assert configurator.load(["--split", "test", "--percent", "2.5"]).split == "test[:2.5%]"
+    assert configurator.load(["--split", "test", "--percent", "25"]).split == "test[:25%]"
     assert configurator.load(["--percent", "100"]).split == "train"
-    for argv, message in ((["--percent", "0"], "(0, 100]"), (["--split", "train[:5]", "--percent", "5"], "one slice"),
+    assert configurator.parse_args(["--bf16", "-m", "x", "--4bit", "-o", "out"])[1] == {
+        "precision": "bf16", "model_name": "x", "load_in_4bit": True, "output_dir": "out"}  # a switch, then -m
+    for argv, message in ((["--percent", "0"], "whole number in [1, 100]"), (["--percent", "2.5"], "whole number"),
+                          (["--split", "train[:5]", "--percent", "5"], "one slice"),
                           (["--verbose"], "unknown flag --verbose"), (["--bf17"], "did you mean 'bf16'"),
                           (["-x"], "unexpected argument '-x'"), (["--4bit=maybe"], "--4bit='maybe' is not true")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             configurator.load(argv)
+
+
+def test_4bit_settings_without_4bit_say_they_do_nothing(logged):
+    config.make(bnb_4bit_quant_type="fp4")
+    config.make(bnb_4bit_quant_type="fp4")
+    warned = [r.getMessage() for r in logged.records if "bnb_4bit_quant_type" in r.getMessage()]
+    assert len(warned) == 1 and "without load_in_4bit=True they do nothing" in warned[0]
 
 
 def test_aligntune_defaults():
@@ -149,6 +170,8 @@ def test_code_rewards_on_math_data_run_with_one_warning(small, logged):
                 r.getMessage()]
     assert len(warnings) == 1 and "test_list or test_cases" in warnings[0] and "scores 0.0" in warnings[0]
     assert out["metrics"]["rewards/code_correctness"] == 0.0 and "rewards/code_quality" in out["metrics"]
+    train.setup(config.make(**{**small, "rewards": rewards, "output_dir": "again"}))  # an ES inner run, say
+    assert len([r for r in logged.records if "code_correctness" in r.getMessage()]) == 1  # once per process
     with pytest.raises(ValueError, match="every reward would score 0.0"):
         train.setup(config.make(**{**small, "reward_functions": ["code_correctness"], "output_dir": "elsewhere"}))
 
@@ -169,7 +192,7 @@ def add_hint(row):
 
 def test_an_aligntune_example_as_written(tiny_dir, toy_rows, tmp_path, logged):
     """GSM8K-shaped local data with its own test split, one percent-like slice of 75 rows, batch 16, the example's
-    names (wandb_run_name, processing_fn with processing_batched, use_peft) and its code rewards on math data."""
+    names (wandb_run_name, processing_fn with processing_batched=False, use_peft) and its code rewards on math data."""
     folder = tmp_path / "gsm8k"
     folder.mkdir()
     for name, rows in (("train", toy_rows[:150]), ("test", toy_rows[150:])):

@@ -161,6 +161,30 @@ def test_processing_fn_one_row_or_a_batch(tmp_path, as_file):
     assert [e["prompt"] for e in kept] == [r["question"] for r in ROWS[::2]]
 
 
+def upper_in_place(row):
+    row["question"] = row["question"].upper()  # datasets.map's usual form: change what it gives, return it
+    return row
+
+
+def batched_upper_in_place(batch):
+    batch["question"] = [q.upper() for q in batch["question"]]
+    return batch
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+@pytest.mark.parametrize("fn,batched", [(upper_in_place, False), (batched_upper_in_place, True)])
+def test_processing_fn_may_change_what_it_is_given_and_return_it(tmp_path, as_file, fn, batched):
+    source = write(tmp_path / "d.jsonl", ROWS) if as_file else [dict(r) for r in ROWS]
+    train, _ = data.load_examples(source, processing_fn=fn, processing_batched=batched)
+    assert [e["prompt"] for e in train] == [r["question"].upper() for r in ROWS]
+
+
+def test_a_processing_fn_that_renames_a_presets_columns_makes_its_own(tmp_path):
+    path = write(tmp_path / "gsm8k_shaped.jsonl", ROWS)  # GSM8K's shape, renamed by the function
+    train, _ = data.load_examples(path, processing_fn=lambda r: {"prompt": r["question"], "reference": "7"})
+    assert [(e["prompt"], e["reference"]) for e in train] == [(r["question"], "7") for r in ROWS]
+
+
 @pytest.mark.parametrize("as_file", [True, False])
 @pytest.mark.parametrize("fn,batched,message", [
     (lambda r: None, False, r"returned None for row 0, not a dict: return the row"),
@@ -219,14 +243,15 @@ def test_one_percent_of_gsm8k_keeps_one_batch(tmp_path, logged):
     test = [{"question": f"held out {i}?", "answer": f"#### {i}"} for i in range(100)]
     train, ev = data.load_examples(files(tmp_path, train=rows, test=test), split="train[:1%]", eval_size=64,
                                    min_train=16)
-    assert len(train) == 75 and len(ev) == 64 and not logged.records[-1].levelname == "WARNING"
+    assert len(train) == 75 and len(ev) == 64 and not [r for r in logged.records if r.levelname == "WARNING"]
     train, ev = data.load_examples(write(tmp_path / "one.jsonl", rows), split="train[:1%]", eval_size=64,
                                    min_train=16)  # no test split: carved, but never below one batch
     assert len(train) == 16 and len(ev) == 59
     warnings = [r.getMessage() for r in logged.records if r.levelname == "WARNING"]
     assert warnings == ["eval: holding out 59 prompts instead of eval_size=64: 64 would leave 11 of the 75 training "
                         "prompts of split='train[:1%]' (a held-out prompt leaves training with its repeats), fewer "
-                        "than one batch (16); give an eval_split, or more data for a full eval"]
+                        "than one batch (16: batch_size x processes); give an eval_split, widen split or raise "
+                        "max_samples for a full eval"]
 
 
 def test_the_demos_carve_is_unchanged():
@@ -245,12 +270,13 @@ def test_repeated_prompts_carve_less_or_say_they_were_all_dropped(tmp_path, logg
     rows = [{"prompt": "the same question", "reference": str(i)} for i in range(20)]
     train, ev = data.load_examples(rows, eval_size=5)
     assert len(train) == 20 and ev == [] and "holding out 0 prompts instead of eval_size=5" in logged.text
-    with pytest.raises(ValueError, match=r"^20 of the 20 training prompts are also in the eval set "
-                                         r"\(eval_split='train\[:1\]'\) and were dropped.*leaving 0: give another "
-                                         r"eval_split, set eval_size=0, or deduplicate the data$"):
+    with pytest.raises(ValueError, match=r"^20 of the 20 training prompts \(split='train', max_samples=None\) are "
+                                         r"also in the eval set \(eval_split='train\[:1\]', eval_size=0\) and were "
+                                         r"dropped.*leaving 0: give another eval_split, set eval_size=0, or deduplicate "
+                                         r"the data$"):
         data.load_examples(rows, eval_split="train[:1]")
     source = saved(tmp_path, train=rows, test=rows[:1])
-    with pytest.raises(ValueError, match=r"20 of the 20 .*\(the dataset's 'test' split\)"):
+    with pytest.raises(ValueError, match=r"20 of the 20 .*\(the dataset's 'test' split, eval_size=5\)"):
         data.load_examples(source, eval_size=5)
 
 
@@ -264,6 +290,9 @@ def test_local_sources_shaped_like_a_preset_get_it(tmp_path, logged):
     assert [e["reference"] for e in data.load_examples(math_rows)[0]] == ["2", "4"]
     gsm8k, _ = data.load_examples(saved(tmp_path, train=ROWS))
     assert gsm8k[0]["reference"] == ROWS[0]["answer"].split("#### ")[1]
+    sanitized = [{("prompt" if k == "text" else k): v for k, v in r.items()} for r in MBPP_ROWS]  # mbpp/sanitized
+    train, _ = data.load_examples(sanitized)
+    assert "`remove_Occ`" in train[0]["prompt"] and train[0]["reference"] == MBPP_ROWS[0]["code"]
     plain, _ = data.load_examples(QA[:3] + [{"question": "q?", "answer": "no marker #### here"}])
     assert [e["reference"] for e in plain] == ["0", "1", "2", "no marker #### here"]  # no GSM8K extraction
 
