@@ -19,9 +19,11 @@ import warnings
 from tqdm import tqdm
 
 log = logging.getLogger("nmgrpo")  # the one console path: log.info, log.warning
-# bitsandbytes (imported by peft, which transformers imports when it is installed) warns on CPUs with avx512-bf16
-# that an optional kernel from the Hub did not load; it falls back to its own, so the line is noise at every start
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# bitsandbytes (imported by peft, which transformers imports when it is installed) tries on CPUs with avx512-bf16 to
+# fetch an optional kernel from the Hub (through the kernels package) and warns when it cannot, offline say; it falls
+# back to its own, so these lines are noise at every start
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def did_you_mean(name, options):

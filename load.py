@@ -122,6 +122,12 @@ def policy(cfg, device, amp_dtype, sharded=False):
     return model, tokenizer
 
 
+def parameter_count(model):
+    """The model's parameters, a 4-bit weight counted by its unpacked shape (two weights per stored byte)."""
+    return sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in model.parameters())
+
+
 def prompt_cap(cfg, model):
     """The prompt tokens kept (cut from the left): min(max_prompt_length, max_seq_length - max_completion_length),
     checked against the model's context."""

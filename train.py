@@ -336,7 +336,7 @@ def fit(run, save_last=True):
     with logs.open_run(cfg, config_lib.config_dict(cfg), main, run.step if run.resume else None) as record, \
             common.stop_signals() as caught, tqdm(total=run.total_steps, initial=run.step, disable=common.quiet(),
                                                   desc="nmgrpo", dynamic_ncols=True) as bar:
-        log.info(f"{cfg.model_name}: {sum(p.numel() for p in run.model.parameters()):,} parameters on {run.device}, "
+        log.info(f"{cfg.model_name}: {load.parameter_count(run.model):,} parameters on {run.device}, "
                  f"{len(run.train_set)} train / {len(run.eval_set)} held-out prompts, {run.total_steps} steps")
         if do_eval and cfg.eval_on_start and run.step == 0:
             last = {"step": 0, **evaluate(run)}
