@@ -13,7 +13,10 @@ Rows (ratio = ours / peer, in the row's unit):
             log_softmax(h @ W.T / T).gather; forward + backward with a random upstream grad on the
             log-probs (the fused loss: sum(grad * logp)) into hidden and lm_head weight; seconds.
   mirror    mirror.divergence("neural_mirror") vs logprobs.token_logprobs, forward + backward over
-            the same tokens (logprobs at the quick shape); microseconds per token. Target: < 0.05.
+            the same tokens (logprobs at the quick shape); microseconds per token. Target: < 0.05. And at
+            131,072 tokens, its forward + backward vs a plain float32 loop over the 126 units (forward
+            only; target <= 5x) and vs the autograd form it replaced (bench.bregman_autograd; target: peak
+            memory <= 1/20); seconds and the memory each adds.
   step      train.train_step vs one optimizer step of TRL's GRPOTrainer (needs `pip install trl`):
             the same saved random Qwen3 and tokenizer, 8 prompts x 8 completions of exactly 32 or 128
             tokens, temperature 1, fp32, no reference model (divergence none / beta 0), loss grpo,
@@ -76,6 +79,7 @@ import sampler  # noqa: E402
 import tasks  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
+import mirror as mirror_lib  # noqa: E402
 from mirror import NeuralMirror, divergence  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,9 +200,42 @@ def case_mirror(spec):
 
     def step():
         logp.grad = None
-        divergence("neural_mirror", logp, ref_logp, mirror=mirror, coef=1e-4).backward(grad)
+        if spec.get("side") == "naive":  # the forward alone, float32, unit by unit
+            with torch.no_grad():
+                bregman_naive32(mirror, logp.exp(), ref_logp.exp())
+        elif spec.get("side") == "autograd":
+            (1e-4 * bregman_autograd(mirror, logp.double().exp(), ref_logp.double().exp())).float().backward(grad)
+        else:
+            divergence("neural_mirror", logp, ref_logp, mirror=mirror, coef=1e-4).backward(grad)
 
     return step, n
+
+
+def bregman_autograd(mirror, y, y0):
+    """D(y || y0) as mirror.py computed it before its custom autograd Function: the same closed form, every
+    (tokens, 6, 21) float64 intermediate kept by autograd for backward. The reference of the mirror row and tests."""
+    y, y0, out = mirror_lib._prep(y, y0)
+    v, w, b, a, c = mirror._params()
+    d = y - y0
+    u, u0, e = w * y[..., None, None] + b, w * y0[..., None, None] + b, w * d[..., None, None]
+    units = (mirror_lib._excess(u, u0, e) * v).sum((-2, -1))
+    return (d * (units + a * d / 2 + c * mirror_lib._xlogx_excess(y, y0, d))).to(out)
+
+
+def bregman_naive32(mirror, y, y0):
+    """h(y) - h(y0) - phi_inv(y0) * (y - y0) in float32, one unit at a time, H_j = F_j(u_j) / w_j: the plain
+    loop the custom Function is timed against (it cancels catastrophically where w_j is tiny)."""
+    eps, log = mirror_lib.LOG_EPS, torch.log
+    F = (lambda u: u ** 4 / 4, lambda u: u ** 3 / 3, lambda u: 2 / 3 * u ** 1.5, lambda u: 3 / 4 * u ** (4 / 3),
+         lambda u: (u + eps) * log(u + eps) - (u + eps), torch.exp)
+    act = (lambda u: u ** 3, lambda u: u ** 2, torch.sqrt, lambda u: u ** (1 / 3), lambda u: log(u + eps), torch.exp)
+    a, c = mirror.a[0].item(), mirror.c[0].item()
+    d = y - y0
+    D = a * d ** 2 / 2 + c * (y * log(y / y0) - d)
+    for j, (v, w, b) in enumerate(zip(mirror.v.tolist(), mirror.w.tolist(), mirror.b.tolist())):
+        u, u0 = w * y + b, w * y0 + b
+        D += v * ((F[j // 21](u) - F[j // 21](u0)) / w - act[j // 21](u0) * d)
+    return D
 
 
 STEP_PROMPTS, STEP_GENERATIONS = 8, 8
@@ -482,6 +519,13 @@ def rows_mirror(full, repeats):
     peer = measure(case="logprobs", side="ours", shape=shape, repeats=repeats)
     yield row("neural_mirror divergence vs token_logprobs", f"{shape['tokens']} tok", "us/token", ours, peer,
               lambda r: 1e6 * r["seconds"] / r["work"])
+    tokens = dict(tokens=16 * 32 * 256)  # a step of 16 prompts x 32 samples x 256 tokens
+    ours, before, naive = (measure(case="mirror", shape=tokens, side=side, repeats=repeats)
+                           for side in ("ours", "autograd", "naive"))
+    yield row("Bregman fwd+bwd vs naive float32 per-unit loop fwd", "131072 tok", "s", ours, naive,
+              lambda r: r["seconds"])
+    yield row("Bregman fwd+bwd: custom Function vs autograd (before)", "131072 tok", "s", ours, before,
+              lambda r: r["seconds"])
 
 
 def rows_trl(full, repeats):

@@ -12,7 +12,10 @@ mirror_seed give, or the one in mirror_path); a score (the fitness) is the held-
 result of an inner run of es_inner_steps NMGRPO steps with that mirror (held_out_score). Then
 
     g = sum_i s_i * eps_i / (population * sigma)      s: the shaped fitnesses of the candidates
-    x <- max(x + es_lr * g, 0);   sigma <- sigma * es_sigma_decay
+    x <- max(x + es_lr * sigma * g / rms(g), 0);   sigma <- sigma * es_sigma_decay      rms(g) = |g| / sqrt(380)
+
+The step moves the parameters by es_lr * sigma (root mean square): shaped fitnesses fix |g| whatever the fitness
+says, so only g's direction is information, and sigma, the scale the fitness was probed at, bounds the step.
 
 Its guarantees (each one a fault of the ES loop our users come from):
 - parameters stay >= 0: candidates and every updated centre are projected (clamped at 0, like
@@ -61,7 +64,7 @@ import configurator
 import load
 import train
 from common import log
-from mirror import N_PARAMS, NeuralMirror
+from mirror import N_PARAMS, NeuralMirror, check_parameters
 
 STATE, BEST, METRICS = "es_state.safetensors", "best_mirror.safetensors", "es_metrics.jsonl"
 
@@ -101,9 +104,10 @@ def gradient(weights, eps, sigma):
     return weights.to(eps.dtype) @ eps / (len(eps) * sigma)
 
 
-def update(centre, grad, lr):
-    """One step along the estimate, projected onto x >= 0."""
-    return (centre + lr * grad).clamp(min=0)
+def update(centre, grad, lr, sigma):
+    """A step of root mean square lr * sigma along the estimate (none when it is 0), projected onto x >= 0."""
+    rms = grad.norm() / len(grad) ** 0.5
+    return (centre + lr * sigma * grad / rms).clamp(min=0) if rms > 0 else centre.clone()
 
 
 def worst_filled(f):
@@ -123,7 +127,7 @@ def save_state(folder, state):
 
 
 def load_state(path):
-    """The state dict saved by save_state."""
+    """The state dict saved by save_state; ValueError unless its centre and best are mirror vectors (finite, >= 0)."""
     try:
         with safe_open(path, "pt") as f:
             meta = (f.metadata() or {}).get("state")
@@ -133,6 +137,10 @@ def load_state(path):
     if meta is None:
         raise ValueError(f"{path} is not an {STATE} ({tensors if isinstance(tensors, str) else 'no ES state'}): "
                          "give the ES run's output_dir, or --resume=latest")
+    for k in ("centre", "best"):
+        if k not in tensors or tensors[k].shape != (N_PARAMS,):
+            raise ValueError(f"{path} has no {k} of shape ({N_PARAMS},): it is damaged; resume from another state")
+        check_parameters(tensors[k], f"{path}'s {k}")
     return {**json.loads(meta), **tensors}
 
 
@@ -160,7 +168,7 @@ def start(cfg):
         return state
     if cfg.resume == "latest":
         log.info(f"resume='latest': no {STATE} in {cfg.output_dir} yet, starting at iteration 0")
-    centre = load.mirror(cfg).to_vector().clamp(min=0)  # (380,)
+    centre = load.mirror(cfg).to_vector()  # (380,), checked >= 0 by NeuralMirror.load
     return dict(centre=centre, best=centre.clone(), iteration=0, sigma=cfg.es_sigma, seed=cfg.seed,
                 population=cfg.es_population, best_fitness=None, best_iteration=None, history=[],
                 config=settings(cfg))
@@ -214,14 +222,16 @@ def iteration(cfg, state, t, fitness, rank=0, world=1):
     centre_fitness = scores[0].item() if math.isfinite(scores[0]) else None
     if centre_fitness is not None and (state["best_fitness"] is None or centre_fitness > state["best_fitness"]):
         state.update(best=state["centre"].clone(), best_fitness=centre_fitness, best_iteration=t + 1)
+    centre = update(state["centre"], grad, cfg.es_lr, sigma)
     row = dict(iteration=t + 1, fitness_mean=ok.mean().item() if len(ok) else None,
                fitness_std=ok.std().item() if len(ok) > 1 else 0.0, fitness_min=ok.min().item() if len(ok) else None,
                fitness_max=ok.max().item() if len(ok) else None, centre_fitness=centre_fitness,
                best_fitness=state["best_fitness"], sigma=sigma, grad_norm=grad.norm().item(),
                centre_norm=state["centre"].norm().item(),  # of the centre scored, before the update
+               step_norm=(centre - state["centre"]).norm().item(),  # of the update, after the projection
                fitness=[None if math.isnan(s) else s for s in scores[1:].tolist()],
                failed={str(i): why for i, why in sorted(failed.items())}, time=time.perf_counter() - t0)
-    state.update(centre=update(state["centre"], grad, cfg.es_lr), sigma=sigma * cfg.es_sigma_decay, iteration=t + 1)
+    state.update(centre=centre, sigma=sigma * cfg.es_sigma_decay, iteration=t + 1)
     state["history"].append(row)
     return row
 

@@ -63,25 +63,49 @@ def test_gradient_estimate_points_along_the_true_gradient(rank_shaping):
     assert torch.cosine_similarity(g, c, dim=0) > 0.9
 
 
-@pytest.mark.parametrize("rank_shaping, lr", [(True, 0.01), (False, 0.003)])
-def test_es_climbs_a_concave_fitness(tmp_path, rank_shaping, lr):
-    """The defaults (population 10, sigma 0.01 decaying, 15 iterations) move the centre toward the optimum."""
-    cfg = es_cfg(tmp_path, es_rank_shaping=rank_shaping, es_lr=lr)
+@pytest.mark.parametrize("rank_shaping, kw, closer", [(True, {}, 1.0), (False, {}, 1.0),
+                                                     (True, {"es_sigma": 0.1, "es_lr": 1.0}, 0.8)])
+def test_es_climbs_a_concave_fitness(tmp_path, rank_shaping, kw, closer):
+    """The defaults (population 10, sigma 0.01 decaying, 15 iterations) move the centre toward the optimum; a wider
+    search (sigma 0.1, steps of sigma) moves it 20% of the way in 15 steps."""
+    cfg = es_cfg(tmp_path, es_rank_shaping=rank_shaping, **kw)
     start = NeuralMirror(cfg.mirror_init_scale, cfg.mirror_seed).to_vector()
     state = es.evolve(cfg, concave)
     assert state["iteration"] == 15
-    assert (state["centre"] - TARGET).norm() < 0.8 * (start - TARGET).norm()
+    assert (state["centre"] - TARGET).norm() < closer * (start - TARGET).norm()
     history = rows(cfg)
     assert [r["iteration"] for r in history] == list(range(1, 16))
     assert history[-1]["centre_fitness"] > history[0]["centre_fitness"]
-    assert history[0]["sigma"] == 0.01 and history[1]["sigma"] == pytest.approx(0.01 * 0.99)
+    assert history[0]["sigma"] == cfg.es_sigma and history[1]["sigma"] == pytest.approx(cfg.es_sigma * 0.99)
     for r in history:
         assert {"fitness_mean", "fitness_std", "fitness_min", "fitness_max", "centre_fitness", "sigma", "grad_norm",
-                "time"} <= r.keys()
+                "centre_norm", "step_norm", "time"} <= r.keys()
+        assert 0 < r["step_norm"] <= cfg.es_lr * r["sigma"] * N_PARAMS ** 0.5 * (1 + 1e-5)  # projected: shorter
     best = max(history, key=lambda r: r["centre_fitness"])  # the best scored centre, saved
     assert state["best_fitness"] == best["centre_fitness"] and state["best_iteration"] == best["iteration"]
     saved = NeuralMirror.load(os.path.join(cfg.output_dir, es.BEST)).to_vector()
     assert concave(saved) == best["centre_fitness"]
+
+
+def test_step_size_is_set_by_lr_and_sigma():
+    """Whatever the estimate's size, a step has root mean square lr * sigma; a zero estimate does not move."""
+    centre = torch.ones(N_PARAMS)  # far from 0: no projection
+    for scale in (1e-6, 1.0, 1e6):
+        g = scale * torch.randn(N_PARAMS, generator=torch.Generator().manual_seed(3))
+        assert (es.update(centre, g, 0.5, 0.1) - centre).pow(2).mean().sqrt().item() == pytest.approx(0.05)
+    assert torch.equal(es.update(centre, torch.zeros(N_PARAMS), 0.5, 0.1), centre)
+
+
+def test_noise_fitness_keeps_the_map_small(tmp_path):
+    """Under fitness independent of the map, the default steps keep its norm within 2x of NeuralMirror(0.01, 42)'s
+    over 15 iterations (the rule x + es_lr * g took it from 0.11 to about 7.5)."""
+    noise = torch.Generator().manual_seed(0)
+    cfg = es_cfg(tmp_path, es_iterations=15)
+    assert (cfg.mirror_init_scale, cfg.mirror_seed) == (0.01, 42)
+    es.evolve(cfg, lambda x, t: torch.rand(1, generator=noise).item())
+    last = es.load_state(os.path.join(cfg.output_dir, es.STATE))["centre"].norm().item()
+    norms = [r["centre_norm"] for r in rows(cfg)] + [last]
+    assert max(norms) < 2 * norms[0]
 
 
 def test_parameters_stay_non_negative(tmp_path):
@@ -93,11 +117,11 @@ def test_parameters_stay_non_negative(tmp_path):
         seen.append(x.min().item())
         return -((x - target) ** 2).sum().item()
 
-    state = es.evolve(es_cfg(tmp_path, es_iterations=8, es_lr=0.002), fitness)
+    state = es.evolve(es_cfg(tmp_path, es_iterations=8, es_lr=1.0), fitness)
     assert min(seen) >= 0 and state["centre"].min() >= 0 and state["best"].min() >= 0
     at_zero = state["centre"] == 0  # the projection is active, and mostly where the optimum is below 0
     assert at_zero[target < -0.2].float().mean() > at_zero[target > 0.2].float().mean() + 0.1
-    assert all(x >= 0 for x in es.update(torch.zeros(5), -torch.ones(5), 1.0))
+    assert all(x >= 0 for x in es.update(torch.zeros(5), -torch.ones(5), 1.0, 1.0))
 
 
 def test_resume_equals_straight(tmp_path):
@@ -118,6 +142,17 @@ def test_resume_equals_straight(tmp_path):
     assert torch.equal(saved["centre"], straight["centre"]) and saved["iteration"] == 2
     with pytest.raises(ValueError, match="same values"):
         es.evolve(es_cfg(tmp_path / "b", es_iterations=3, resume="latest", es_population=4), concave)
+
+
+@pytest.mark.parametrize("key, bad", [("centre", -0.1), ("best", math.nan)])
+def test_a_signed_or_corrupted_state_is_refused(tmp_path, key, bad):
+    es.evolve(es_cfg(tmp_path, es_iterations=1), concave)
+    path = os.path.join(tmp_path / "es", es.STATE)
+    state = es.load_state(path)
+    state[key][7] = bad
+    es.save_state(str(tmp_path / "es"), state)
+    with pytest.raises(ValueError, match=f"es_state.safetensors's {key}: mirror parameters must be finite and >= 0"):
+        es.evolve(es_cfg(tmp_path, es_iterations=2, resume="latest"), concave)
 
 
 def test_failed_candidates_get_the_worst_fitness(tmp_path, capsys):

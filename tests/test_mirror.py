@@ -68,7 +68,7 @@ def test_init_shapes_range_and_seed():
     shapes = {k: tuple(p.shape) for k, p in m.named_parameters()}
     assert shapes == {"v": (126,), "w": (126,), "b": (126,), "a": (1,), "c": (1,)}
     for p in m.parameters():
-        assert p.dtype == torch.float32 and p.requires_grad
+        assert p.dtype == torch.float32 and not p.requires_grad  # ES learns them, not autograd
         assert (p >= 0).all() and (p < 0.01).all()
     assert torch.equal(m.to_vector(), NeuralMirror(0.01, seed=7).to_vector())
     assert not torch.equal(m.to_vector(), NeuralMirror(0.01, seed=8).to_vector())
@@ -99,11 +99,74 @@ def test_vector_round_trip_and_order():
 
 
 def test_project_clamps_to_non_negative():
-    m = NeuralMirror().from_vector(torch.linspace(-1, 1, 380))
+    m = NeuralMirror()
+    with torch.no_grad():
+        for p, chunk in zip(m.parameters(), torch.linspace(-1, 1, 380).split([126, 126, 126, 1, 1])):
+            p.copy_(chunk)
     m.project_()
     x = m.to_vector()
     assert (x >= 0).all()
     assert torch.equal(x, torch.linspace(-1, 1, 380).clamp(min=0))
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
+def test_a_signed_or_non_finite_map_is_refused_where_it_enters(bad, tmp_path):
+    x = NeuralMirror(0.01).to_vector()
+    x[200] = bad
+    with pytest.raises(ValueError, match=r"NeuralMirror.from_vector: mirror parameters must be finite and >= 0.*1 of "
+                                         r"380"):
+        NeuralMirror().from_vector(x)
+    from safetensors.torch import save_file
+    path = tmp_path / "signed.safetensors"
+    save_file(dict(zip(["v", "w", "b", "a", "c"], x.split([126, 126, 126, 1, 1]))), str(path))
+    with pytest.raises(ValueError, match="signed.safetensors: mirror parameters must be finite and >= 0"):
+        NeuralMirror.load(path)
+
+
+def test_no_map_that_enters_gives_a_negative_or_nan_divergence():
+    """Property: random signed parameter vectors either stop where they enter, or (projected, as ES does) give a
+    finite D >= 0 on random probabilities, float32 and float64, down to the clamp."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        x = torch.randn(N_PARAMS, generator=g) * 10 ** (trial % 4 - 2)  # signed, scales 0.01 to 10
+        with pytest.raises(ValueError, match="must be finite and >= 0"):
+            NeuralMirror().from_vector(x)
+        m = NeuralMirror().from_vector(x.clamp(min=0))
+        y = torch.cat([torch.rand(500, generator=g, dtype=F64) ** 8, t64([1e-30, 1e-12, 1.0, 0.0])])
+        y0 = torch.cat([torch.rand(500, generator=g, dtype=F64), t64([1.0, 0.5, 1e-30, 0.3])])
+        for dtype in (F64, torch.float32):
+            D = m.bregman(y.to(dtype), y0.to(dtype))
+            assert torch.isfinite(D).all() and (D >= 0).all(), trial
+
+
+def test_the_function_matches_the_autograd_form_it_replaced(mirror):
+    """Values and gradients (w.r.t. y and y0) equal bench.bregman_autograd's to 1e-12 relative, in float64."""
+    from bench import bregman_autograd
+    g = torch.Generator().manual_seed(4)
+    y = torch.cat([torch.rand(6000, generator=g, dtype=F64), torch.logspace(-30, 0, 100, dtype=F64)])
+    near = y[3000:] * (1 + 1e-7 * torch.rand(3100, generator=g, dtype=F64))  # pairs where the forms cancel most
+    y0 = torch.cat([torch.rand(3000, generator=g, dtype=F64), near]).clamp(max=1)
+    ours, theirs = [(y.clone().requires_grad_(), y0.clone().requires_grad_()) for _ in range(2)]
+    D, ref = mirror.bregman(*ours), bregman_autograd(mirror, *theirs)
+    upstream = torch.rand(len(y), generator=g, dtype=F64)
+    (D * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert ((D - ref).abs() <= 1e-12 * ref.abs()).all()
+    for mine, want in ((ours[0].grad, theirs[0].grad), (ours[1].grad, theirs[1].grad)):
+        assert torch.isfinite(mine).all()
+        assert ((mine - want).abs() <= 1e-12 * want.abs() + 1e-15 * want.abs().max()).all()
+
+
+def test_the_mirrors_parameters_get_no_gradient_and_say_so():
+    m = NeuralMirror(0.01)
+    assert not any(p.requires_grad for p in m.parameters())
+    y = torch.rand(8, dtype=F64, requires_grad=True)
+    m.bregman(y, t64([0.5] * 8)).sum().backward()  # the policy's side gets its gradient
+    m.requires_grad_(True)
+    with pytest.raises(ValueError, match="no gradient to the mirror's parameters"):
+        m.bregman(y, t64([0.5] * 8))
+    with torch.no_grad():
+        assert m.bregman(y, t64([0.5] * 8)).shape == (8,)  # no gradient asked: fine
 
 
 def test_save_load_round_trip(tmp_path):
