@@ -102,13 +102,18 @@ def _excess_curved(u, u0, e, slope=False):
                            torch.exp(u0[3]) * torch.expm1(e[3])], dim=-2)
 
 
-def _polynomial(y, y0, d, v, w, b):
+def _moments(v, w, b):
+    """The five sums over the cube and square units that _polynomial needs: v w^3, v w^2 b, v w b^2; v w^2, v w b."""
+    return ([(v[0] * w[0] ** (3 - k) * b[0] ** k).sum() for k in range(3)] +
+            [(v[1] * w[1] ** (2 - k) * b[1] ** k).sum() for k in range(2)])
+
+
+def _polynomial(y, y0, d, moments):
     """(sum_j v_j*E_j, sum_j v_j*G_j, sum_j v_j*w_j*act_j'(u0_j)) over the cube and square units, (n,) each. Their
     terms are polynomials in y and y0, so the sums over units are a few moments of v, w, b, and every term is >= 0
     (times d for E and G): no cancellation. E.g. u^2 + 2*u*u0 + 3*u0^2 = w^2*(y^2 + 2*y*y0 + 3*y0^2) + w*b*(4*y +
     8*y0) + 6*b^2."""
-    m3, m2, m1 = ((v[0] * w[0] ** (3 - k) * b[0] ** k).sum() for k in range(3))  # cube: sum v w^3, v w^2 b, v w b^2
-    s2, s1 = ((v[1] * w[1] ** (2 - k) * b[1] ** k).sum() for k in range(2))  # square: sum v w^2, v w b
+    m3, m2, m1, s2, s1 = moments  # (_moments) cube: v w^3, v w^2 b, v w b^2; square: v w^2, v w b
     E = d * (m3 * (y * y + 2 * y * y0 + 3 * y0 * y0) / 4 + m2 * (y + 2 * y0) + 1.5 * m1 + s2 * (y + 2 * y0) / 3 + s1)
     G = d * (m3 * (y * y + y * y0 + y0 * y0) + 3 * m2 * (y + y0) + 3 * m1 + s2 * (y + y0) + 2 * s1)
     return E, G, 3 * (m3 * y0 * y0 + 2 * m2 * y0 + m1) + 2 * (s2 * y0 + s1)
@@ -133,17 +138,19 @@ class _Bregman(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, y0, v, w, b, a, c):
-        D, dy = torch.empty_like(y), torch.empty_like(y)
+        D = torch.empty_like(y)
+        dy = torch.empty_like(y) if ctx.needs_input_grad[0] else None  # none asked (no_grad, metrics): not computed
         dy0 = torch.empty_like(y) if ctx.needs_input_grad[1] else None
-        vc, wc, bc = v[2:], w[2:], b[2:]  # the units with no closed-form sum over them: (4, 21) each
+        vc, wc, bc, moments = v[2:], w[2:], b[2:], _moments(v, w, b)  # (4, 21) each: the units summed one by one
         for i in range(0, len(y), CHUNK):
             yi, y0i = y[i:i + CHUNK], y0[i:i + CHUNK]
             d = yi - y0i  # (n,)
             u, u0, e = wc * yi[:, None, None] + bc, wc * y0i[:, None, None] + bc, wc * d[:, None, None]  # (n, 4, 21)
-            E, G = _excess_curved(u, u0, e, slope=True)
-            pE, pG, pC = _polynomial(yi, y0i, d, v, w, b)
+            E, G = _excess_curved(u, u0, e, slope=True) if dy is not None else (_excess_curved(u, u0, e), None)
+            pE, pG, pC = _polynomial(yi, y0i, d, moments)
             D[i:i + CHUNK] = d * ((E * vc).sum((-2, -1)) + pE + a * d / 2 + c * _xlogx_excess(yi, y0i, d))
-            dy[i:i + CHUNK] = (G * vc).sum((-2, -1)) + pG + a * d + c * torch.log1p(d / y0i)
+            if dy is not None:
+                dy[i:i + CHUNK] = (G * vc).sum((-2, -1)) + pG + a * d + c * torch.log1p(d / y0i)
             if dy0 is not None:
                 dy0[i:i + CHUNK] = -d * ((_curvature(u0, wc) * vc).sum((-2, -1)) + pC + a + c / y0i)
         ctx.save_for_backward(dy, dy0)
@@ -152,7 +159,7 @@ class _Bregman(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dy, dy0 = ctx.saved_tensors
-        return grad * dy, None if dy0 is None else grad * dy0, None, None, None, None, None
+        return (None if dy is None else grad * dy), (None if dy0 is None else grad * dy0), None, None, None, None, None
 
 
 def check_parameters(x, where):

@@ -25,11 +25,13 @@ import time
 
 import torch
 
+import common
 import config
 import configurator
 import es
 import logs
 import train
+from common import log
 
 REGIME_RATES = (1e-4, 3e-4, 6e-4, 1e-3)
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
@@ -51,7 +53,8 @@ def run(base, overrides, seed, folder):
     cfg = dataclasses.replace(base, seed=seed, output_dir=folder, log_level="WARNING", **overrides)
     config.validate(cfg)
     t0 = time.perf_counter()
-    m = train.train(cfg)["metrics"]
+    with common.kept_log_level():  # the run is quiet (WARNING); the study's own lines stay at INFO
+        m = train.train(cfg)["metrics"]
     key = logs.DIVERGENCE_METRIC[cfg.divergence_type]
     weight = cfg.beta if cfg.divergence_type == "kl" else cfg.mirror_coefficient
     return m["eval/accuracy"], m[key] * weight, time.perf_counter() - t0
@@ -97,7 +100,7 @@ def regime(base, seeds):
                               os.path.join(RUNS, f"regime-{lr:g}-{arm}-{seed}"))
                 acc[arm].append(a)
                 seconds += s
-        print(f"learning rate {lr:g}: none {mean_std(acc['none'])}, kl {mean_std(acc['kl'])}", flush=True)
+        log.info(f"learning rate {lr:g}: none {mean_std(acc['none'])}, kl {mean_std(acc['kl'])}")
         lines.append(f"| {lr:g}{' (the study)' if lr == base.learning_rate else ''} | {mean_std(acc['none'])} | "
                      f"{mean_std(acc['kl'])} | {paired(acc['kl'], acc['none'])} | {seconds:.0f} s |")
     return "\n".join(lines)
@@ -113,12 +116,13 @@ def main(argv):
     except ValueError:
         parser.error(f"--seeds {args.seeds!r} / --regime-seeds {args.regime_seeds!r}: give comma-separated integers, "
                      "e.g. 0,1,2")
+    common.configure_logging("INFO")
     torch.set_num_threads(1)  # tiny matmuls run fastest on one thread
     t0 = time.perf_counter()
     base = configurator.load(["--config", CONFIG])
     os.makedirs(DOCS, exist_ok=True)
     regime_text = regime(base, regime_seeds)
-    print(regime_text)
+    log.info(regime_text)
     with open(os.path.join(DOCS, "regime.md"), "w") as f:
         f.write(regime_text + f"\n\n{len(regime_seeds)} seeds per cell, {base.max_steps} steps from the demo's cold "
                 "start, greedy accuracy on the 200 held-out prompts.\n")
@@ -137,12 +141,12 @@ def main(argv):
             acc, penalty, seconds = run(base, overrides, seed, os.path.join(RUNS, f"{name.replace(' ', '_')}-{seed}"))
             for k, v in zip(r, (acc, penalty, seconds)):
                 r[k].append(v)
-            print(f"{name} seed {seed}: test accuracy {acc:.3f} ({seconds:.0f} s)", flush=True)
+            log.info(f"{name} seed {seed}: test accuracy {acc:.3f} ({seconds:.0f} s)")
     text = (table(results, es_seconds) + f"\n\nES: {state['iteration']} iterations x {base.es_population} "
             f"candidates + the centre, {base.es_inner_steps} steps each, {es_seconds:.0f} s; best validation score "
             f"{state['best_fitness']:.3f} (the centre of iteration {state['best_iteration']}). "
             f"Total {time.perf_counter() - t0:.0f} s.")
-    print(text)
+    log.info(text)
     with open(os.path.join(DOCS, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(DOCS, "results.json"), "w") as f:
@@ -152,7 +156,7 @@ def main(argv):
         logs.plot_mirror([learned], os.path.join(DOCS, "mirror.png"))
         logs.plot_mirror([learned], os.path.join(DOCS, "mirror_weighted.png"), base.mirror_coefficient, base.beta)
     except ValueError as e:
-        print(f"no plot: {e}", file=sys.stderr)
+        log.warning(f"no plot: {e}")
     return 0
 
 

@@ -30,6 +30,15 @@ def fresh_warnings():
     common.warn_once.cache_clear()
 
 
+@pytest.fixture
+def logged(caplog, monkeypatch):
+    """caplog with common.log's records (configure_logging stops them reaching the root logger caplog listens on)."""
+    common.configure_logging()  # its handler in place first, which turns propagation off
+    monkeypatch.setattr(common.log, "propagate", True)
+    with caplog.at_level("INFO", logger="nmgrpo"):
+        yield caplog
+
+
 @pytest.fixture(scope="session")
 def toy_rows():
     return tasks.toy_task(300, seed=0)

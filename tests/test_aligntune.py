@@ -5,22 +5,12 @@ import json
 import pytest
 import torch
 
-import common
 import compat
 import config
 import configurator
 import train
 from api import create_rl_trainer
 from mirror import divergence
-
-@pytest.fixture
-def logged(caplog, monkeypatch):
-    """caplog with common.log's records (configure_logging stops them reaching the root logger caplog listens on)."""
-    common.configure_logging()  # its handler in place first, which turns propagation off
-    monkeypatch.setattr(common.log, "propagate", True)
-    with caplog.at_level("INFO", logger="nmgrpo"):
-        yield caplog
-
 
 # the section of AlignTune's nested schema where each group of knobs naturally lives
 SECTION = {"model": "model", "lora": "model", "data": "datasets", "logging": "logging"}

@@ -11,7 +11,6 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-import common
 import config
 import data
 import load
@@ -31,15 +30,6 @@ def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     tiny.make_tiny(str(folder), corpus=[r["question"] for r in tasks.toy_task(200)])
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-@pytest.fixture
-def logged(caplog, monkeypatch):
-    """caplog with common.log's records (configure_logging stops them reaching the root logger caplog listens on)."""
-    common.configure_logging()  # its handler in place first, which turns propagation off
-    monkeypatch.setattr(common.log, "propagate", True)
-    with caplog.at_level("INFO", logger="nmgrpo"):
-        yield caplog
 
 
 def write(path, rows):
