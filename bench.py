@@ -1,13 +1,16 @@
 """Side-by-side benchmarks: each row times one of ours against its peer, same run, same inputs.
 
-    python bench.py                              # quick set (about 3 minutes on a 2-core CPU)
+    python bench.py                              # quick set (its sampler and step rows: 10 minutes on 2 cores)
     python bench.py --rows sampler,logprobs      # some rows only
-    python bench.py --full                       # the full shapes (about 25 minutes on a 2-core CPU)
+    python bench.py --full                       # the full shapes (several times longer)
 
 Rows (ratio = ours / peer, in the row's unit):
   sampler   sampler.sample, eager and compiled (the compile happens in the warmup and is reported,
-            not timed) vs HF generate: 128 new tokens (no row stops), temperature 0.8, top_p 0.9,
-            top_k 0, fp32, random Qwen3s, ~32-token left-padded prompts; generated tokens/s.
+            not timed) vs HF generate: temperature 0.8, top_p 0.9, top_k 0, fp32, random Qwen3s, ~32-token
+            left-padded prompts; 128 new tokens (no row stops), or realistic lengths: row r stops after
+            exactly realistic_lengths()[r] tokens (log-normal, median 96, 20 to 256: a GSM8K-like batch with
+            its long tail), its stop token made certain at that step and impossible before on both sides
+            (sample's processor, generate's logits_processor); real (unpadded) tokens/s.
   logprobs  logprobs.token_logprobs and the fused loss logprobs.token_loss (eager and compiled), and a
             selective log-softmax (logits.gather - logsumexp, as TRL) vs naive
             log_softmax(h @ W.T / T).gather; forward + backward with a random upstream grad on the
@@ -19,9 +22,11 @@ Rows (ratio = ours / peer, in the row's unit):
             memory <= 1/20); seconds and the memory each adds.
   step      train.train_step vs one optimizer step of TRL's GRPOTrainer (needs `pip install trl`):
             the same saved random Qwen3 and tokenizer, 8 prompts x 8 completions of exactly 32 or 128
-            tokens, temperature 1, fp32, no reference model (divergence none / beta 0), loss grpo,
-            AdamW, the `length` reward; seconds per step. Ours eager and with torch_compile=True (the
-            compile happens in the warmup and is reported, not timed).
+            tokens or of realistic lengths (as the sampler row, max_completion_length 256), temperature 1,
+            fp32, no reference model (divergence none / beta 0), loss grpo, AdamW, the `length` reward;
+            seconds per step. Ours eager and with torch_compile=True (the compile happens in the warmup and
+            is reported, not timed). At realistic lengths also NMGRPO (neural_mirror against a frozen copy)
+            vs TRL with its KL (beta 0.04, its reference model): both sides run a reference pass.
   lora      train.train_step with LoRA (r 16 on q/k/v/o, the base as reference with adapters off) vs
             full fine-tuning (a frozen copy as reference), both ours with the neural_mirror
             regulariser: the `small` random Qwen3, 8 x 8 completions of exactly 32 tokens, fp32; on
@@ -34,7 +39,7 @@ Rows (ratio = ours / peer, in the row's unit):
             tokens; on CUDA bf16, 8 x 8 x 256; seconds per step, and peak memory including the setup (loading
             the model, saved once by the parent: its build is not counted).
   gpu       (CUDA only) the sampler vs HF generate on a random Qwen3-0.6B shape in bf16 at batch 1 and 64,
-            tokens/s, and its memory-bandwidth use: the weight bytes its decode steps read per second
+            and at batch 64 with realistic lengths, tokens/s, and (fixed lengths) its memory-bandwidth use: the weight bytes its decode steps read per second
             over a device-to-device copy's bytes per second (ratio = the fraction of the copy bandwidth);
             the log-probs at Liger's shape (16 x 1024 tokens, hidden 4096, vocab 128256, bf16): ours,
             the fused loss and the compiled fused loss vs naive, seconds and peak memory.
@@ -52,9 +57,11 @@ gradients the case leaves behind. Timings on CUDA synchronize around each call. 
 """
 import argparse
 import atexit
+import functools
 import importlib.util
 import itertools
 import json
+import math
 import os
 import resource
 import shutil
@@ -84,6 +91,7 @@ from mirror import NeuralMirror, divergence  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NEW_TOKENS = 128
+REAL_MAX, REAL_MEDIAN, REAL_SIGMA = 256, 96, 0.6  # realistic lengths: log-normal, clipped to [20, REAL_MAX]
 TEMPERATURE, TOP_P = 0.8, 0.9
 # Qwen3 shapes: intermediate 4*hidden, tied embeddings (as tiny.build_model), random weights
 MODELS = {
@@ -126,25 +134,73 @@ def prompts(batch, vocab, length=32, seed=0):
     return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
 
 
+def realistic_lengths(n, seed=0):
+    """(n,) completion lengths like a GRPO batch on GSM8K: log-normal around REAL_MEDIAN tokens with a long tail,
+    clipped to [20, REAL_MAX] (about 5% of the rows run to REAL_MAX); seeded, so every side gets the same."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = (math.log(REAL_MEDIAN) + REAL_SIGMA * torch.randn(n, generator=g)).exp().round()
+    return lengths.clamp(20, REAL_MAX).long()
+
+
+def forced(logits, rows, t, lengths, eos):
+    """Row r's logits with its stop token impossible before step lengths[r] - 1 and certain at it (t: the step of
+    the token chosen, rows (n,): which rows these are)."""
+    last = (lengths.to(logits.device)[rows] == t + 1)[:, None]  # (n, 1)
+    is_eos = torch.arange(logits.size(-1), device=logits.device) == eos  # (V,)
+    return logits.masked_fill(is_eos & ~last | ~is_eos & last, float("-inf"))
+
+
+class ForcedStops(transformers.LogitsProcessor):
+    """forced() for HF generate: row r of the batch stops after exactly lengths[r] new tokens."""
+
+    def __init__(self, lengths, eos, prompt_length):
+        self.lengths, self.eos, self.prompt_length = lengths, eos, prompt_length
+
+    def __call__(self, input_ids, scores):
+        rows = torch.arange(input_ids.size(0))
+        return forced(scores, rows, input_ids.size(1) - self.prompt_length, self.lengths, self.eos)
+
+
+def stopped_at(ids, eos):
+    """(N,) tokens up to and including each row's first `eos` in completions ids (N, T) (T if none)."""
+    hit = ids == eos
+    return torch.where(hit.any(1), hit.int().argmax(1) + 1, ids.size(1)).cpu()
+
+
 def case_sampler(spec):
-    """(step, work): one call samples NEW_TOKENS for every row; work is the tokens generated."""
+    """(step, work): one call samples for every row, NEW_TOKENS each, or with spec["lengths"] == "real" each row
+    its realistic_lengths (the stop token made certain at that step on both sides); work is the real tokens."""
     model = build_qwen3(**MODELS[spec["model"]]).to(DTYPES[spec.get("dtype", "fp32")])
-    vocab = model.config.vocab_size
-    ids, mask = prompts(spec["batch"], vocab)
+    vocab, batch = model.config.vocab_size, spec["batch"]
+    ids, mask = prompts(batch, vocab)
     seed = itertools.count()  # a fresh seed per call
+    real = spec.get("lengths") == "real"
+    lengths = realistic_lengths(batch) if real else torch.full((batch,), NEW_TOKENS)
+    eos = vocab - 1 if real else vocab  # real: a token the processors forbid until its step; else never drawn
+    new_tokens = REAL_MAX if real else NEW_TOKENS
 
     def ours(**kw):
         gen = torch.Generator(DEVICE).manual_seed(next(seed))
-        sampler.sample(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=vocab, pad_token_id=0,
-                       temperature=TEMPERATURE, top_p=TOP_P, top_k=0, generator=gen, **kw)
+        out = sampler.sample(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0,
+                             temperature=TEMPERATURE, top_p=TOP_P, top_k=0, generator=gen,
+                             processor=(lambda x, rows, t: forced(x, rows, t, lengths, eos)) if real else None, **kw)
+        return out[1].sum(1).cpu()
 
     def hf():
         torch.manual_seed(next(seed))
-        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
-                       top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
+                             top_k=0, max_new_tokens=new_tokens, min_new_tokens=0 if real else new_tokens,
+                             eos_token_id=eos, pad_token_id=0,
+                             logits_processor=[ForcedStops(lengths, eos, ids.size(1))] if real else None)
+        return stopped_at(out[:, ids.size(1):], eos)
 
-    sides = {"ours": ours, "compiled": lambda: ours(compile=True), "hf": hf}
-    return sides[spec["side"]], spec["batch"] * NEW_TOKENS
+    side = {"ours": ours, "compiled": lambda: ours(compile=True), "hf": hf}[spec["side"]]
+
+    def step():
+        got = side()
+        assert torch.equal(got, lengths), f"completion lengths {got.tolist()}, not {lengths.tolist()}"
+
+    return step, int(lengths.sum())
 
 
 def logprob_inputs(tokens, hidden, vocab, dtype="fp32"):
@@ -267,11 +323,17 @@ def step_config(folder, questions, length, out, **knobs):
         memory_metrics=False, log_completions=False, log_level="WARNING"), **STEP_COMMON, **knobs})
 
 
-def step_ours(folder, questions, length, out, **knobs):
-    """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step."""
+def step_ours(folder, questions, length, out, lengths=None, **knobs):
+    """train.train_step over the 8 prompts (batch_size 8): sample, score, learn, optimizer step. Every row runs
+    `length` tokens, or row r exactly lengths[r] (its stop token made certain at that step)."""
     run = train.setup(step_config(folder, questions, length, out, **knobs))
-    run.eos = [run.model.config.vocab_size]  # an id never drawn: every row runs `length` tokens
-    return lambda: train.train_step(run)[0]["completion_length_max"]
+    if lengths is None:
+        run.eos = [run.model.config.vocab_size]  # an id never drawn: every row runs `length` tokens
+    else:
+        eos = run.eos[0]
+        run.eos = [eos]
+        train.sample = functools.partial(sampler.sample, processor=lambda x, rows, t: forced(x, rows, t, lengths, eos))
+    return lambda: train.train_step(run)[0]["completion_length"]
 
 
 class Gate(TrainerCallback):
@@ -288,10 +350,11 @@ class Gate(TrainerCallback):
         self.go.acquire()
 
 
-def step_trl(folder, questions, length, out):
+def step_trl(folder, questions, length, out, lengths=None, beta=0.0):
     """One real GRPOTrainer optimizer step per call: trainer.train() runs in a thread that a callback
     releases for exactly one step, so the step is TRL's own loop (generate 64 completions with HF
-    generate, score, loss, backward, clip, AdamW), nothing re-implemented."""
+    generate, score, loss, backward, clip, AdamW), nothing re-implemented. Every row runs `length` tokens,
+    or row r exactly lengths[r] (its generate calls get the ForcedStops processor)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -302,13 +365,20 @@ def step_trl(folder, questions, length, out):
         output_dir=os.path.join(out, "trl"), use_cpu=DEVICE.type == "cpu", bf16=False, fp16=False,
         activation_checkpointing=False, per_device_train_batch_size=STEP_PROMPTS * STEP_GENERATIONS,
         num_generations=STEP_GENERATIONS, max_completion_length=length,
-        generation_kwargs={"min_new_tokens": length},  # EOS masked until `length`
-        beta=0.0, scale_rewards="group", shuffle_dataset=False, max_steps=1000, lr_scheduler_type="constant",
+        generation_kwargs={} if lengths is not None else {"min_new_tokens": length},  # EOS masked until `length`
+        beta=beta, scale_rewards="group", shuffle_dataset=False, max_steps=1000, lr_scheduler_type="constant",
         warmup_steps=0, optim="adamw_torch", report_to="none", logging_strategy="no", save_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, seed=0, **STEP_COMMON)
     trainer = GRPOTrainer(model=folder, reward_funcs=lambda completions, **kw: [rewards.length(c) for c in completions],
                           args=args, train_dataset=Dataset.from_list([{"prompt": t} for t in texts] * 1000),
                           processing_class=tokenizer)
+    if lengths is not None:
+        generate = trainer.model.generate
+
+        def forced_generate(*a, **kw):
+            stops = ForcedStops(lengths, tokenizer.eos_token_id, kw["input_ids"].size(1))
+            return generate(*a, logits_processor=transformers.LogitsProcessorList([stops]), **kw)
+        trainer.model.generate = forced_generate
     return gated(trainer)
 
 
@@ -322,7 +392,7 @@ def step_backend_trl(folder, questions, length, out, **knobs):
 
 def gated(trainer):
     """step(): one real optimizer step of trainer.train(), run in a thread that a Gate callback releases for
-    exactly one step; returns the step's longest completion."""
+    exactly one step; returns the step's mean completion length."""
     gate = Gate()
     trainer.add_callback(gate)
     threads = torch.get_num_threads()
@@ -342,36 +412,44 @@ def gated(trainer):
         gate.done.acquire()
         if gate.error is not None:
             raise gate.error
-        return trainer._metrics["train"]["completions/max_length"][-1]
+        return trainer._metrics["train"]["completions/mean_length"][-1]
 
     return step
 
 
 def case_step(spec):
-    """(step, work): one optimizer step of a whole GRPO loop, 8 prompts x 8 completions of exactly
-    spec["length"] tokens (no reference model for the ours and trl sides); work is the completions per step."""
+    """(step, work): one optimizer step of a whole GRPO loop, 8 prompts x 8 completions of exactly spec["length"]
+    tokens, or with spec["lengths"] == "real" of realistic_lengths (no reference model for the ours and trl sides,
+    a frozen copy for nmgrpo and trl_kl); work is the completions per step."""
     out = tempfile.mkdtemp(prefix="nmgrpo-bench-")
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     folder = spec.get("folder") or os.path.join(out, "model")
     questions = save_step_model(folder, spec["model"])
     prompts, generations = spec.get("prompts", STEP_PROMPTS), spec.get("generations", STEP_GENERATIONS)
+    lengths = realistic_lengths(prompts * generations) if spec.get("lengths") == "real" else None
+    length = REAL_MAX if lengths is not None else spec["length"]
     if spec["side"] in ("lora", "full", "qlora"):  # micro-batches of at most 64 completions
-        one = step_ours(folder, questions, spec["length"], out, divergence_type="neural_mirror",
+        one = step_ours(folder, questions, length, out, divergence_type="neural_mirror",
                         use_lora=spec["side"] != "full", load_in_4bit=spec["side"] == "qlora", lora_r=16,
                         lora_alpha=32, lora_dropout=0.0, batch_size=prompts, num_generations=generations,
                         precision=spec.get("precision", "fp32"),
                         gradient_accumulation_steps=max(1, prompts * generations // 64))
     elif spec["side"] in ("native", "backend_trl"):  # NMGRPO, full fine-tuning against a frozen copy
         one = {"native": step_ours, "backend_trl": step_backend_trl}[spec["side"]](
-            folder, questions, spec["length"], out, divergence_type="neural_mirror")
+            folder, questions, length, out, divergence_type="neural_mirror")
     elif spec["side"] == "compiled":  # the sampler's decode step and the loss kernel torch.compile'd
-        one = step_ours(folder, questions, spec["length"], out, torch_compile=True)
+        one = step_ours(folder, questions, length, out, lengths, torch_compile=True)
+    elif spec["side"] == "nmgrpo":  # the neural mirror against a frozen copy of the initial weights
+        one = step_ours(folder, questions, length, out, lengths, divergence_type="neural_mirror")
+    elif spec["side"] == "trl_kl":  # TRL's KL (beta 0.04, its reference model)
+        one = step_trl(folder, questions, length, out, lengths, beta=0.04)
     else:
-        one = {"ours": step_ours, "trl": step_trl}[spec["side"]](folder, questions, spec["length"], out)
+        one = {"ours": step_ours, "trl": step_trl}[spec["side"]](folder, questions, length, out, lengths)
+    mean = float(lengths.float().mean()) if lengths is not None else float(length)
 
     def step():
-        longest = one()
-        assert longest == spec["length"], f"a completion of {longest} tokens, not {spec['length']}"
+        got = one()
+        assert abs(got - mean) < 1e-3, f"completions of {got} tokens on average, not {mean}"
 
     return step, prompts * generations
 
@@ -452,13 +530,20 @@ def row(name, shape, unit, ours, peer, value):
 
 
 def rows_sampler(full, repeats):
-    sizes = [(m, b) for m in ("tiny", "mid") for b in (16, 64)] if full else [("tiny", 16), ("mid", 16)]
-    for model, batch in sizes:
-        hf = measure(case="sampler", side="hf", model=model, batch=batch, repeats=repeats)
+    sizes = [(m, b, n) for n in ("fixed", "real") for m in ("tiny", "mid") for b in (16, 64)]
+    if not full:
+        sizes = [s for s in sizes if s[1] == (16 if s[2] == "fixed" else 64)]
+    mean = float(realistic_lengths(64).float().mean())
+    for model, batch, lengths in sizes:
+        spec = dict(case="sampler", model=model, batch=batch, repeats=repeats,
+                    **({"lengths": "real"} if lengths == "real" else {}))
+        hf = measure(**spec, side="hf")
+        shape = f"{model}, batch {batch}" + (f", realistic lengths (mean {mean:.0f}, max {REAL_MAX})"
+                                             if lengths == "real" else "")
         for side, name in (("ours", "sampler vs HF generate"), ("compiled", "sampler compiled vs HF generate")):
-            ours = measure(case="sampler", side=side, model=model, batch=batch, repeats=repeats)
+            ours = measure(**spec, side=side)
             extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" else ""
-            yield row(name + extra, f"{model}, batch {batch}", "tokens/s", ours, hf, lambda r: r["work"] / r["seconds"])
+            yield row(name + extra, shape, "tokens/s", ours, hf, lambda r: r["work"] / r["seconds"])
 
 
 def rows_logprobs(full, repeats):
@@ -476,13 +561,24 @@ def rows_step(full, repeats):
     if importlib.util.find_spec("trl") is None:
         print("step rows skipped: TRL is not installed (pip install trl, a bench-only extra)", file=sys.stderr)
         return
-    sizes = [(m, n) for m in ("tiny", "mid") for n in (32, 128)] if full else [("tiny", 32)]
+    sizes = [(m, n) for m in ("tiny", "mid") for n in (32, 128, "real")] if full else [("tiny", 32), ("tiny", "real")]
+    mean = float(realistic_lengths(STEP_PROMPTS * STEP_GENERATIONS).float().mean())
     for model, length in sizes:
-        trl_ = measure(case="step", side="trl", model=model, length=length, repeats=repeats)
+        spec = dict(case="step", model=model, repeats=repeats,
+                    **({"lengths": "real"} if length == "real" else {"length": length}))
+        shape = f"{model}, 8 x 8 x " + (f"realistic lengths (mean {mean:.0f}, max {REAL_MAX})" if length == "real"
+                                        else f"{length} tok")
+        trl_ = measure(**spec, side="trl")
         for side, name in (("ours", "GRPO step vs TRL GRPOTrainer"), ("compiled", "GRPO step compiled vs TRL GRPOTrainer")):
-            ours = measure(case="step", side=side, model=model, length=length, repeats=repeats)
+            if side == "compiled" and length == "real" and not full:
+                continue
+            ours = measure(**spec, side=side)
             extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" else ""
-            yield row(name + extra, f"{model}, 8 x 8 x {length} tok", "s/step", ours, trl_, lambda r: r["seconds"])
+            yield row(name + extra, shape, "s/step", ours, trl_, lambda r: r["seconds"])
+        if length == "real":
+            ours, trl_kl = (measure(**spec, side=side) for side in ("nmgrpo", "trl_kl"))
+            yield row("NMGRPO step (neural_mirror) vs TRL GRPOTrainer (KL, beta 0.04)", shape, "s/step", ours, trl_kl,
+                      lambda r: r["seconds"])
 
 
 def rows_lora(full, repeats):
@@ -552,13 +648,16 @@ def rows_gpu(full, repeats):
         print("gpu rows skipped: no CUDA device", file=sys.stderr)
         return
     copy = measure(case="copy", mib=4096, repeats=repeats)
-    for batch in (1, 64):
-        spec = dict(case="sampler", model="qwen3-0.6b", batch=batch, dtype="bf16", repeats=repeats)
+    for batch, lengths in ((1, "fixed"), (64, "fixed"), (64, "real")):
+        spec = dict(case="sampler", model="qwen3-0.6b", batch=batch, dtype="bf16", repeats=repeats,
+                    **({"lengths": "real"} if lengths == "real" else {}))
         hf = measure(**spec, side="hf")
+        shape = f"qwen3-0.6b bf16, batch {batch}" + (", realistic lengths" if lengths == "real" else "")
         for side in ("ours", "compiled"):
             ours = measure(**spec, side=side)
-            yield row(f"sampler {side} vs HF generate", f"qwen3-0.6b bf16, batch {batch}", "tokens/s", ours, hf,
-                      lambda r: r["work"] / r["seconds"])
+            yield row(f"sampler {side} vs HF generate", shape, "tokens/s", ours, hf, lambda r: r["work"] / r["seconds"])
+            if lengths == "real":
+                continue
             read = weight_bytes("qwen3-0.6b", "bf16") * NEW_TOKENS  # every decode step reads the weights once
             yield row(f"sampler {side}: weight bytes read vs a device copy", f"qwen3-0.6b bf16, batch {batch}",
                       "GB/s", {**ours, "bytes": read}, {**copy, "bytes": copy["work"]},

@@ -48,6 +48,7 @@ def callable_from(value, what):
 
 
 _COMPILED, _FAILED = {}, set()  # fn -> its torch.compile'd twin; fns whose compile failed
+RECOMPILE_LIMIT = 64  # graphs one compiled function may hold (the sampler's step: batch x cache sizes x greedy)
 
 
 def compiled_call(fn, enabled, *args, **options):
@@ -56,7 +57,8 @@ def compiled_call(fn, enabled, *args, **options):
     if enabled and fn not in _FAILED:
         import torch
         try:
-            if fn not in _COMPILED:
+            if fn not in _COMPILED:  # dynamo's default of 8 graphs per function is too few for the sampler
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 _COMPILED[fn] = torch.compile(fn, **options)
             return _COMPILED[fn](*args)
         except Exception as e:  # no compiler, unsupported backend, ...

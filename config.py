@@ -61,7 +61,8 @@ class Config:
     max_steps: int = _f(1600, "sampling steps; > 0 overrides num_epochs (--epochs alone sets it to -1)", "training")
     batch_size: int = _f(16, "prompts per device per step", "training")
     num_generations: int = _f(32, "completions sampled per prompt (the group size G)", "training")
-    gradient_accumulation_steps: int = _f(1, "micro-batches each step's B*G completions are cut into", "training")
+    gradient_accumulation_steps: int = _f(1, "the learner's forwards hold at most B*G / this completions each",
+                                          "training")
     learning_rate: float = _f(1e-5, "peak learning rate", "training")
     weight_decay: float = _f(0.0, "decoupled weight decay", "training")
     adam_beta1: float = _f(0.9, "Adam beta1", "training")

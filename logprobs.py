@@ -7,13 +7,14 @@ tokens of a 152k vocab in fp32, and as much again for its gradient. The rows go 
   chunk's logits for its gradient (four lm_head matmuls in all, naive autograd needs three).
 - token_loss, the fused loss: the caller's per-token loss is evaluated chunk by chunk in the same pass,
   so each chunk's gradient is formed while its logits live: three matmuls, nothing recomputed.
+And length_chunks, the learner's forwards over a step: rows of similar length together, each cut to its longest.
 """
+from typing import NamedTuple, Optional
 
 import torch
 from transformers import DynamicCache
 
 from common import compiled_call
-
 
 
 def _stats_(logits, targets):
@@ -145,24 +146,26 @@ def token_loss(hidden, weight, targets, loss_fn, temperature=1.0, chunk_size=102
     return ChunkedLoss.apply(hidden, weight, targets, loss_fn, float(temperature), int(chunk_size), bool(compile))
 
 
-def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group=1):
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share=None):
     """Decoder states before each kept completion token (M, D), their targets (M,) and the mask (B, T).
 
-    prompt_*: (B, P), left padded; completion_*: (B, T). With group G > 1, rows i*G ... i*G + G - 1 share
-    one prompt: it runs once and its keys/values (gradients flow through them) serve the G completions."""
+    prompt_*: (B, P), left padded; completion_*: (B, T). share=(firsts (U,), index (B,)): row i's prompt is that of
+    row firsts[index[i]]; the U distinct prompts run once and their keys/values (gradients flow through them)
+    serve every row that has them."""
     mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+T)
     pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     p = prompt_ids.size(1)
-    if group == 1:
+    if share is None:
         hidden = model.base_model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=mask,
                                   position_ids=pos, use_cache=False).last_hidden_state[:, p - 1:-1]  # (B, T, D)
     else:
+        firsts, index = share
         cache = DynamicCache()
-        last = model.base_model(input_ids=prompt_ids[::group], attention_mask=prompt_mask[::group],
-                                position_ids=pos[::group, :p], cache=cache, use_cache=True).last_hidden_state[:, -1:]
-        hidden = last.repeat_interleave(group, 0)  # (B, 1, D): the state before the first completion token
+        last = model.base_model(input_ids=prompt_ids[firsts], attention_mask=prompt_mask[firsts],
+                                position_ids=pos[firsts, :p], cache=cache, use_cache=True).last_hidden_state[:, -1:]
+        hidden = last[index]  # (B, 1, D): the state before the first completion token
         if completion_ids.size(1) > 1:
-            cache.batch_repeat_interleave(group)
+            cache.reorder_cache(index)  # (U, ...) -> (B, ...)
             rest = model.base_model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
                                     position_ids=pos[:, p:-1], cache=cache, use_cache=True).last_hidden_state
             hidden = torch.cat([hidden, rest], dim=1)  # (B, T, D)
@@ -176,17 +179,59 @@ def scatter_rows(values, keep):
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                        temperature=1.0, chunk_size=1024, compile=False, group=1):
+                        temperature=1.0, chunk_size=1024, compile=False, share=None):
     """Log-probs and entropies (B, T) of completions given their left-padded prompts (0 where masked)."""
-    h, targets, keep = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group)
+    h, targets, keep = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share)
     logp, ent = token_logprobs(h, model.get_output_embeddings().weight, targets, temperature, chunk_size, compile)
     return scatter_rows(logp, keep), scatter_rows(ent, keep)
 
 
 def completion_loss(model, prompt_ids, prompt_mask, completion_ids, completion_mask, loss_fn,
-                    temperature=1.0, chunk_size=1024, compile=False, group=1):
+                    temperature=1.0, chunk_size=1024, compile=False, share=None):
     """token_loss over completions: (loss, logp (B, T), entropy (B, T)); loss_fn sees kept tokens row-major."""
-    h, targets, keep = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group)
+    h, targets, keep = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share)
     loss, logp, ent = token_loss(h, model.get_output_embeddings().weight, targets, loss_fn, temperature,
                                  chunk_size, compile)
     return loss, scatter_rows(logp, keep), scatter_rows(ent, keep)
+
+
+# ---------------------------------------------------------------------------- the learner's forwards
+
+CHUNK_RATIO = 1.25  # a forward holds rows at least 1/CHUNK_RATIO as long as its longest (best of 1.25, 1.5, 2, 3)
+
+
+class Chunk(NamedTuple):
+    """Rows that go through the model in one forward: their indices (n,), ascending, in the step's batch; the
+    widths of their longest prompt and completion (the padding beyond is cut); and `share`, None or (firsts (U,),
+    index (n,)): their U distinct prompts, which run once each (completion_hidden)."""
+    rows: torch.Tensor
+    prompt: int
+    length: int
+    share: Optional[tuple]
+
+
+def length_chunks(lengths, prompt_lengths, max_rows, group=1, count=1):
+    """The learner's forwards over a step's N rows, lengths and prompt_lengths (N,) their real tokens: sorted by
+    length, a new forward after max_rows rows or where they get CHUNK_RATIO shorter, each cut to its own longest
+    prompt and completion. With group > 1, rows i*group ... i*group + group - 1 share a prompt and every forward
+    runs its distinct prompts once, then the completions (at least 2 columns wide, so that every forward makes the
+    same calls: FSDP gathers the weights in each). At least `count` forwards (count <= N): the largest halved."""
+    lengths, prompts, device = lengths.tolist(), prompt_lengths.tolist(), prompt_lengths.device
+    parts = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: equal lengths stay in order
+        if not parts or len(parts[-1]) == max_rows or lengths[i] * CHUNK_RATIO < lengths[parts[-1][0]]:
+            parts.append([])
+        parts[-1].append(i)
+    while len(parts) < count:
+        j = max(range(len(parts)), key=lambda j: len(parts[j]))
+        parts[j:j + 1] = [parts[j][: len(parts[j]) // 2], parts[j][len(parts[j]) // 2:]]
+    chunks = []
+    for rows in map(sorted, parts):
+        owners = [i // group for i in rows]
+        distinct = sorted(set(owners))
+        share = None if group == 1 else (
+            torch.tensor([owners.index(o) for o in distinct], device=device),  # firsts (U,)
+            torch.tensor([distinct.index(o) for o in owners], device=device))  # index (n,)
+        chunks.append(Chunk(torch.tensor(rows, device=device), max(prompts[i] for i in rows),
+                            max(1 if share is None else 2, max(lengths[i] for i in rows)), share))
+    return chunks

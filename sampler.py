@@ -2,11 +2,13 @@
 nanochat's engine.py:
 1. prefill the B left-padded prompts once;
 2. share their keys/values across the G samples of each prompt (N = B*G rows);
-3. decode one token per step for all rows (the step torch.compile'd once, in _run, if asked): Llama-family
-   models (LEAN_TYPES) through _lean_decode, a short step over the model's own modules (LoRA and FSDP's gathered
-   weights used as they are) and preallocated keys/values, without the per-step cache concatenation, mask
-   building and generic dispatch that cost more than the matmuls at small shapes; others through their forward;
-4. stop each row at EOS or max_new_tokens.
+3. decode one token per step for the running rows (the step torch.compile'd once per shape, in _run, if asked):
+   Llama-family models (LEAN_TYPES) through _lean_decode, a short step over the model's own modules (LoRA and
+   FSDP's gathered weights used as they are) and preallocated keys/values, without the per-step cache
+   concatenation, mask building and generic dispatch that cost more than the matmuls at small shapes; others
+   through their forward;
+4. stop each row at EOS or max_new_tokens; on the lean path, rows that have stopped leave the running batch and
+   its keys/values (_compact), as in vLLM no forward is spent on a finished row.
 Noise comes from a generator the caller seeds (seed, step, rank): a few uniforms per row per step, each made a
 token by inverse-CDF (see next_token), so runs reproduce and no two rows share noise.
 """
@@ -19,7 +21,9 @@ from transformers import DynamicCache, StaticCache
 
 from common import compiled_call
 
-EOS_CHECK_EVERY = 8  # decode steps between the host syncs that test whether every row has stopped
+EOS_CHECK_EVERY = 8  # decode steps between the host syncs that count the rows still running
+COMPACT_AT = 0.75  # at a check, the lean path drops its stopped rows once no more than this share still runs
+COMPILED_SIZES = 4  # a compiled step runs at N, N/2, N/4 or N/8 rows (stopped rows fill up to the size)
 CACHE_BUCKET = 64  # a compiled step's cache length is rounded up to this, so it sees few shapes
 LEAN_TYPES = ("llama", "qwen2", "qwen3")  # model types _lean_decode reproduces
 
@@ -85,11 +89,10 @@ def _choose(logits, u, temperature, top_p, top_k, greedy, with_logp):
     return token, scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
-def _decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp):
-    """One decode step through the model's forward: feed `token` (N,) at `pos` (N, 1), _choose the next one."""
-    logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache,
-                   use_cache=True).logits[:, -1]
-    return _choose(logits, u, temperature, top_p, top_k, greedy, with_logp)
+def _decode(model, token, attention_mask, pos, cache):
+    """One decode step through the model's forward: feed `token` (N,) at `pos` (N, 1); the next logits (N, V)."""
+    return model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache,
+                 use_cache=True).logits[:, -1]
 
 
 def lean(model):
@@ -100,7 +103,7 @@ def lean(model):
             and all(getattr(layer.self_attn, "sliding_window", None) is None for layer in inner.layers))
 
 
-def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p, top_k, greedy, with_logp, at, length):
+def _lean_decode(model, token, attention_mask, pos, cache, at, length):
     """_decode over preallocated keys/values (see lean): `token` (N,) at `pos` (N, 1) goes to cache position `at`
     (1,), attention reads [0, length). cache: per layer (keys, values), each (N, kv heads, L, head dim)."""
     inner = model.model
@@ -123,8 +126,7 @@ def _lean_decode(model, token, attention_mask, pos, cache, u, temperature, top_p
                                            attn_mask=mask, scale=attn.scaling, enable_gqa=True)  # (N, H, 1, D)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(n, 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    logits = model.lm_head(inner.norm(x))[:, -1]  # (N, V)
-    return _choose(logits, u, temperature, top_p, top_k, greedy, with_logp)
+    return model.lm_head(inner.norm(x))[:, -1]  # (N, V)
 
 
 def _run(fn, compile, *args):
@@ -149,10 +151,21 @@ def _buffers(prefill, num_samples, length):
     return [(grow(layer.keys), grow(layer.values)) for layer in prefill.layers]
 
 
+def _compact(done, live, size, compile):
+    """The running rows to keep (n',) in order, or None to keep them all: once no more than COMPACT_AT of the n
+    rows in `done` (n,) still run (`live` of them), those, and with `compile` stopped ones up to the smallest
+    compiled size (size / 2**i, i < COMPILED_SIZES) that holds them."""
+    n = done.numel()
+    keep = live if live <= COMPACT_AT * n else n
+    if compile:
+        keep = min([s for s in (size >> i for i in range(COMPILED_SIZES)) if keep <= s < n], default=n)
+    return None if keep == n else torch.argsort(done.int(), stable=True)[:keep].sort().values
+
+
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pad_token_id,
            num_samples=1, temperature=1.0, top_p=1.0, top_k=0, greedy=False, generator=None,
-           return_logprobs=False, compile=False, noise_rows=None):
+           return_logprobs=False, compile=False, noise_rows=None, processor=None):
     """Sample G = `num_samples` completions for each of B left-padded prompts, input_ids and attention_mask (B, P).
 
     Returns completion ids and mask (N, T), T <= max_new_tokens, the rows of prompt i being i*G ... i*G + G - 1;
@@ -160,7 +173,10 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     the (N, T) float32 log-prob of each drawn token under softmax(logits / temperature), as the learner recomputes it.
     compile (a preallocated cache, attention over all of it) keeps the law: tokens agree up to kernel rounding.
     noise_rows=(offset, total): each step draws (total, K) uniforms, of which these rows take offset ... offset
-    + N - 1, so processes sharing a seed and splitting one batch draw what one process would; default (0, N)."""
+    + N - 1, so processes sharing a seed and splitting one batch draw what one process would; default (0, N).
+    A row's tokens and noise do not depend on which other rows still run. processor(logits (n, V), rows (n,), t)
+    -> logits, as a transformers LogitsProcessor, edits the next-token logits of the running rows (their rows in
+    the result) before the choice of token t."""
     dev = input_ids.device
     eos = torch.as_tensor(eos_token_id, device=dev).flatten()  # one or several stop ids
     b, p = input_ids.shape
@@ -185,31 +201,41 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
         attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(n, length - p)], dim=1)  # (N, L)
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
     logps = torch.zeros((n, max_new_tokens), device=dev) if return_logprobs else None
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    rows = torch.arange(n, device=dev)  # (n,): the result row of each running row
+    done = torch.zeros(n, dtype=torch.bool, device=dev)  # (n,)
     k = draws_per_row(top_p)
     where = torch.arange(p, p + max_new_tokens, device=dev)  # cache positions of the decoded tokens
 
     first, total = noise_rows or (0, n)
 
-    def noise():  # (N, K) uniforms for one step; greedy needs none
-        return None if greedy else torch.rand(total, k, generator=generator, device=dev)[first:first + n]
-    token, logp = _choose(logits, noise(), temperature, top_p, top_k, greedy, return_logprobs)
+    def choose(logits, t):  # the next token (n,) and its log-prob; each running row takes its own row of noise
+        u = None if greedy else torch.rand(total, k, generator=generator, device=dev)[first:first + n]  # (N, K)
+        u = u[rows] if u is not None and rows.numel() < n else u
+        logits = processor(logits, rows, t) if processor else logits
+        return _run(_choose, compile, logits, u, temperature, top_p, top_k, greedy, return_logprobs)
+
+    token, logp = choose(logits, 0)
     for t in range(max_new_tokens):  # 3. decode
-        tokens[:, t] = token.masked_fill(done, pad_token_id)
+        tokens[rows, t] = token.masked_fill(done, pad_token_id)
         if return_logprobs:
-            logps[:, t] = logp
+            logps[rows, t] = logp
         done = done | torch.isin(token, eos)  # 4. stop: each row at its EOS, the loop once all have
-        if t == max_new_tokens - 1 or (t % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(done.all())):
+        live = int((~done).sum()) if t % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 else -1  # a host sync, now and then
+        if t == max_new_tokens - 1 or live == 0:
             break
+        keep = _compact(done, live, n, compile) if fast and live > 0 else None
+        if keep is not None:  # the stopped rows leave the batch and its keys/values
+            rows, token, done, pos, attention_mask = (x[keep] for x in (rows, token, done, pos, attention_mask))
+            cache = [(keys[keep], values[keep]) for keys, values in cache]
         if cache is prefill:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
         else:
             attention_mask[:, p + t] = 1  # the position `token` is written to
         pos = pos + 1
-        args = (model, token, attention_mask, pos, cache, noise(), temperature, top_p, top_k, greedy, return_logprobs)
+        args = (model, token, attention_mask, pos, cache)
         if fast:  # where `token` goes, and how far attention reads (all of a compiled step's fixed-size cache)
             args += (where[t : t + 1], length if compile else p + t + 1)
-        token, logp = _run(fn, compile, *args)
+        token, logp = choose(_run(fn, compile, *args), t + 1)
     tokens = tokens[:, : t + 1]  # (N, T)
     mask = completion_mask(tokens, eos)
     return (tokens, mask, logps[:, : t + 1] * mask) if return_logprobs else (tokens, mask)

@@ -13,7 +13,8 @@ the Bregman divergence of a neural mirror map (mirror.py) instead of a KL. The c
   is a frozen copy of the initial weights or, with LoRA, the same model with its adapters off.
 - loss_type sets each token's weight: grpo averages each sequence, then the sequences; bnpo and dapo divide
   by the step's tokens; dr_grpo by sequences x max_completion_length. The denominators count the whole step
-  (every micro-batch and process), so cutting the batch differently never changes the update.
+  (every forward and process), so the learner's forwards may hold rows of similar length, each cut to its
+  longest (logprobs.length_chunks), and the update stays the same.
 - The clip may be asymmetric (epsilon_low/high). With num_iterations = 1 the ratio is exp(logp - logp.detach()),
   1 in value; with more, the old log-probs are taken once, before the first update. A non-finite update is skipped.
 - fused_loss (the default) evaluates the same per-token objective inside the chunked lm_head pass
@@ -41,7 +42,7 @@ import logs
 import lora
 import rewards
 from common import all_reduce, log
-from logprobs import completion_logprobs, completion_loss
+from logprobs import completion_logprobs, completion_loss, length_chunks
 from mirror import NeuralMirror, divergence
 from sampler import sample
 
@@ -155,53 +156,43 @@ def token_weights(cfg, mask, world=1, dtype=torch.float32):
 
 
 def learn(run, batch, adv, loss_mask, ref_logp):
-    """num_iterations optimizer updates on one sampled batch, each accumulated over the micro-batches;
+    """num_iterations optimizer updates on one sampled batch, each accumulated over its forwards (batch["chunks"]);
     per-token sums for the metrics. adv (N,); loss_mask, ref_logp (N, T)."""
     cfg, model = run.cfg, run.model
-    slices = micro_slices(cfg, adv.size(0))
-    old_logp = None
-    if cfg.num_iterations > 1:
-        with torch.no_grad():
-            old_logp = torch.cat([forward(run, model, completion_logprobs, batch, s)[0] for s in slices])  # (N, T)
+    old_logp = step_logprobs(run, batch) if cfg.num_iterations > 1 else None  # (N, T)
     weights = token_weights(cfg, loss_mask, run.world)  # (N, T)
-    sums = dict.fromkeys(("loss", "entropy", "clip_low", "clip_high", "divergence", "ratio", "grad_norm",
-                          "logp_gap"), 0.0)
+    sums = dict.fromkeys("loss entropy clip_low clip_high divergence ratio grad_norm logp_gap".split(), 0.0)
     for it in range(cfg.num_iterations):
-        for s in slices:
-            keep = batch["mask"][s].bool()  # (n, T): the tokens the kernel sees, in row-major order
-            old, ref = (None if x is None else x[s][keep] for x in (old_logp, ref_logp))  # (M,)
-            adv_tok, w = adv[s, None].expand(keep.shape)[keep], weights[s][keep]  # (M,)
+        for c in batch["chunks"]:
+            def cut(x):  # (N, T) -> this forward's (n, t)
+                return None if x is None else x[c.rows, :c.length]
+            keep = cut(batch["mask"]).bool()  # (n, t): the tokens the kernel sees, in row-major order
+            old, ref = (None if x is None else cut(x)[keep] for x in (old_logp, ref_logp))  # (M,)
+            adv_tok, w = adv[c.rows, None].expand(keep.shape)[keep], cut(weights)[keep]  # (M,)
 
             def loss_fn(lp, k=slice(None)):  # lp (C,): log-probs of the kept tokens k
                 o = lp.detach() if old is None else old[k]
                 return (objective(run, lp, o, None if ref is None else ref[k], adv_tok[k])[0] * w[k]).sum()
 
             if cfg.fused_loss:  # the same objective, chunk by chunk inside the lm_head pass
-                loss, logp, ent = forward(run, model, completion_loss, batch, s, loss_fn)
+                loss, logp, ent = forward(run, model, completion_loss, batch, c, loss_fn)
             else:
-                logp, ent = forward(run, model, completion_logprobs, batch, s)  # (n, T)
+                logp, ent = forward(run, model, completion_logprobs, batch, c)  # (n, t)
                 loss = loss_fn(logp[keep])
             (run.scaler.scale(loss) if run.scaler else loss).backward()
             with torch.no_grad():  # per-token sums for the metrics
-                logp, m = logp.detach(), loss_mask[s].float()
-                _, stats = objective(run, logp, logp if old_logp is None else old_logp[s],
-                                     None if ref_logp is None else ref_logp[s], adv[s, None])
-                for k, v in dict(loss=loss, entropy=ent * batch["mask"][s],
-                                 **{k: v.float() * m for k, v in stats.items()}).items():
+                logp, m = logp.detach(), cut(loss_mask).float()
+                _, stats = objective(run, logp, logp if old_logp is None else cut(old_logp), cut(ref_logp),
+                                     adv[c.rows, None])
+                for k, v in dict(loss=loss, entropy=ent * keep, **{k: v.float() * m for k, v in stats.items()}).items():
                     sums[k] += v.sum().item() / cfg.num_iterations
                 if it == 0:  # the sampler and the learner should agree on the weights they share
-                    sums["logp_gap"] += ((logp - batch["sampler_logp"][s]).abs() * batch["mask"][s]).sum().item()
+                    sums["logp_gap"] += ((logp - cut(batch["sampler_logp"])).abs() * keep).sum().item()
         sums["grad_norm"] += optimizer_step(run) / cfg.num_iterations
     return sums
 
 
 # ---------------------------------------------------------------------------- one step
-
-def micro_slices(cfg, n):
-    """The gradient_accumulation_steps row slices of a step batch of n completions."""
-    micro = n // cfg.gradient_accumulation_steps
-    return [slice(i, i + micro) for i in range(0, n, micro)]
-
 
 def optimizer_step(run):
     """Sum the gradients over the processes, clip, step and schedule; an update whose gradient is not finite is
@@ -227,28 +218,27 @@ def optimizer_step(run):
     return grad_norm
 
 
-def forward(run, model, fn, batch, rows, *args):
-    """fn(model, prompt and completion ids and masks of `rows`, *args, ...): logprobs.completion_logprobs or
-    completion_loss, under autocast and, with FSDP, inside the model's shard root. Rows that hold whole
-    groups run each prompt once for its G completions (not under gradient checkpointing: it has no cache)."""
-    cfg, g = run.cfg, run.cfg.num_generations
-    group = g if rows.start % g == 0 and (rows.stop - rows.start) % g == 0 and not cfg.gradient_checkpointing else 1
+def forward(run, model, fn, batch, c, *args):
+    """fn(model, prompt and completion ids and masks of the Chunk c, *args, ...): logprobs.completion_logprobs or
+    completion_loss, under autocast and, with FSDP, inside the model's shard root."""
+    p = batch["prompt_ids"].size(1) - c.prompt  # the prompts are left padded, the completions right padded
     with autocast(run):
-        return fsdp.call(run.roots, model, fn, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
-                         batch["ids"][rows], batch["mask"][rows], *args, cfg.temperature, cfg.logprob_chunk_size,
-                         cfg.torch_compile, group)
+        return fsdp.call(run.roots, model, fn, batch["prompt_ids"][c.rows, p:], batch["prompt_mask"][c.rows, p:],
+                         batch["ids"][c.rows, :c.length], batch["mask"][c.rows, :c.length], *args,
+                         run.cfg.temperature, run.cfg.logprob_chunk_size, run.cfg.torch_compile, c.share)
 
 
 @torch.no_grad()
-def reference_logprobs(run, batch):
-    """The reference policy's log-probs (N, T) of the sampled tokens: the frozen initial weights, or with LoRA
-    the same model with its adapters off; None without a regulariser."""
-    if run.cfg.divergence_type == "none":
-        return None
-    model = run.model if run.ref_model is None else run.ref_model
-    with contextlib.nullcontext() if run.ref_model is not None else lora.adapters_off(model), common.eval_mode(model):
-        return torch.cat([forward(run, model, completion_logprobs, batch, s)[0]
-                          for s in micro_slices(run.cfg, batch["ids"].size(0))])
+def step_logprobs(run, batch, reference=False):
+    """Log-probs (N, T) of the sampled tokens, forward by forward: the model's, or the reference policy's (the
+    frozen initial weights, or with LoRA the same model with its adapters off)."""
+    model = run.ref_model if reference and run.ref_model is not None else run.model
+    out = torch.zeros(batch["ids"].shape, device=run.device)
+    with lora.adapters_off(model) if reference and run.ref_model is None else contextlib.nullcontext(), \
+            common.eval_mode(model) if reference else contextlib.nullcontext():
+        for c in batch["chunks"]:
+            out[c.rows, :c.length] = forward(run, model, completion_logprobs, batch, c)[0]
+    return out
 
 
 def rollout(run, examples, num_samples, generator=None, greedy=False):
@@ -267,6 +257,15 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
     texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
     return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
                 ids=comp, mask=comp_mask, sampler_logp=out[2] if not greedy else None, texts=texts, prompts_cut=n_cut)
+
+
+def forwards(run, batch):
+    """The learner's forwards over a step batch (logprobs.length_chunks); under FSDP as many on every process."""
+    cfg, lengths, prompts = run.cfg, batch["mask"].sum(1), batch["prompt_mask"].sum(1)  # (N,)
+    args = (lengths, prompts, len(lengths) // cfg.gradient_accumulation_steps,
+            1 if cfg.gradient_checkpointing else cfg.num_generations)  # checkpointing keeps no prompt cache
+    most = all_reduce(torch.tensor(len(length_chunks(*args)), device=run.device), run.world, "max") if run.roots else 1
+    return length_chunks(*args, count=int(most))
 
 
 def score(run, examples, completions):
@@ -289,6 +288,7 @@ def train_step(run):
     peaks = {}
     with logs.peak_memory(run.device, peaks, "sample", cfg.memory_metrics):
         batch = rollout(run, examples, cfg.num_generations, generator=gen)
+        batch["chunks"] = forwards(run, batch)
     t1 = time.perf_counter()
     group = [ex for ex in examples for _ in range(cfg.num_generations)]
     reward, columns = score(run, group, batch["texts"])  # (N,)
@@ -298,7 +298,7 @@ def train_step(run):
     t2 = time.perf_counter()
     lr = run.scheduler.get_last_lr()[0]  # the rate this step's first update uses
     with logs.peak_memory(run.device, peaks, "reference", cfg.memory_metrics):
-        ref_logp = reference_logprobs(run, batch)
+        ref_logp = step_logprobs(run, batch, reference=True) if cfg.divergence_type != "none" else None
     with logs.peak_memory(run.device, peaks, "learn", cfg.memory_metrics):
         sums = learn(run, batch, adv, loss_mask, ref_logp)
     t3 = time.perf_counter()

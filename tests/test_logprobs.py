@@ -270,22 +270,23 @@ def test_completion_loss_matches_logprobs_then_loss_tied_embeddings(model, batch
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("length", [5, 1])
-def test_one_prompt_pass_per_group_changes_nothing(model, batch, fused, length):
+def test_one_prompt_pass_per_distinct_prompt_changes_nothing(model, batch, fused, length):
     prompt_ids, prompt_mask, _, _ = batch
-    g = 3
+    owner = torch.tensor([2, 0, 0, 1, 2, 2, 0, 1, 1])  # row i has prompt owner[i], in no particular order
     gen = torch.Generator().manual_seed(7)
-    completion_ids = torch.randint(3, model.config.vocab_size, (3 * g, length), generator=gen)
+    completion_ids = torch.randint(3, model.config.vocab_size, (len(owner), length), generator=gen)
     lengths = torch.tensor([5, 1, 3, 2, 5, 4, 1, 1, 5]).clamp(max=length)
     completion_mask = (torch.arange(length)[None] < lengths[:, None]).long()
-    rows = (prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0), completion_ids, completion_mask)
+    rows = (prompt_ids[owner], prompt_mask[owner], completion_ids, completion_mask)
+    share = (torch.tensor([1, 3, 0]), owner)  # the first row of each prompt, and each row's prompt among those
     weights = torch.randn(completion_mask.shape, generator=gen)
     keep = completion_mask.bool()
     results = []
-    for group in (1, g):
+    for s in (None, share):
         if fused:
-            loss, logp, _ = logprobs.completion_loss(model, *rows, surrogate(weights[keep]), 0.9, 4, group=group)
+            loss, logp, _ = logprobs.completion_loss(model, *rows, surrogate(weights[keep]), 0.9, 4, share=s)
         else:
-            logp, entropy = logprobs.completion_logprobs(model, *rows, 0.9, 4, group=group)
+            logp, entropy = logprobs.completion_logprobs(model, *rows, 0.9, 4, share=s)
             loss = (logp * weights).sum() + entropy.sum()
         results.append((logp.detach(), grads(model, loss)))
     (logp_1, grads_1), (logp_g, grads_g) = results
@@ -293,6 +294,24 @@ def test_one_prompt_pass_per_group_changes_nothing(model, batch, fused, length):
     for name in PARAMS:
         assert grads_1[name].abs().max() > 0, name
         torch.testing.assert_close(grads_g[name], grads_1[name], atol=1e-5 * grads_1[name].abs().max().item(), rtol=1e-4)
+
+
+def test_length_chunks():
+    lengths = torch.tensor([10, 40, 39, 12, 7, 40, 25, 26])  # 2 prompts x 4 completions
+    chunks = logprobs.length_chunks(lengths, torch.tensor([5, 5, 5, 5, 9, 9, 9, 9]), max_rows=3, group=4)
+    # sorted 40 40 39 | 26 25 (max_rows) | 12 10 (CHUNK_RATIO shorter) | 7 (CHUNK_RATIO shorter than 12)
+    assert [c.rows.tolist() for c in chunks] == [[1, 2, 5], [6, 7], [0, 3], [4]]
+    assert [(c.prompt, c.length) for c in chunks] == [(9, 40), (9, 26), (5, 12), (9, 7)]
+    assert [None if c.share is None else [x.tolist() for x in c.share] for c in chunks] == [
+        [[0, 2], [0, 0, 1]], [[0], [0, 0]], [[0], [0, 0]], [[0], [0]]]  # rows 1, 2 share prompt 0; 5 has prompt 1
+    alone = logprobs.length_chunks(lengths, torch.full((8,), 5), max_rows=8, group=1)
+    assert all(c.share is None for c in alone)
+    for count in (4, 6, 8):  # FSDP: every process runs as many forwards; the largest are halved
+        more = logprobs.length_chunks(lengths, torch.full((8,), 5), max_rows=3, group=4, count=count)
+        assert len(more) == count and sorted(torch.cat([c.rows for c in more]).tolist()) == list(range(8))
+        assert all(c.length == lengths[c.rows].max() for c in more)
+    short = logprobs.length_chunks(torch.tensor([1, 1, 5, 1]), torch.full((4,), 5), max_rows=4, group=2)
+    assert [c.length for c in short] == [5, 2]  # every shared forward has a completion pass
 
 
 def test_masked_positions_are_zero_and_carry_no_gradient(model, batch):

@@ -405,3 +405,115 @@ def test_greedy_draws_no_noise(peaked_model, enc, tokenizer):
     state = torch.random.get_rng_state()
     run(peaked_model, enc, tokenizer, greedy=True, num_samples=2, top_p=0.9)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# ------------------------------------------------------------------------------------------ finished rows leave
+
+def batch_sizes(monkeypatch):
+    """The running batch size of every lean decode step, recorded."""
+    sizes, inner = [], sampler._lean_decode
+
+    def spy(model, token, *args):
+        sizes.append(token.size(0))
+        return inner(model, token, *args)
+    monkeypatch.setattr(sampler, "_lean_decode", spy)
+    return sizes
+
+
+def spread_stops(model, tokenizer, enc, **kw):
+    """Sampled completions whose rows stop at many different steps (frequent stop ids), and the kwargs used."""
+    kw = dict(eos=[tokenizer.eos_token_id, *range(5, 15)], num_samples=4, max_new_tokens=48, return_logprobs=True,
+              generator=torch.Generator().manual_seed(3), **kw)
+    out = run(model, enc, tokenizer, **kw)
+    lengths = out[1].sum(1)
+    assert len(set(lengths.tolist())) >= 6 and lengths.min() < sampler.EOS_CHECK_EVERY < 48 == lengths.max()
+    return out, kw
+
+
+def without_compaction(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(sampler, "COMPACT_AT", 0.0)  # never: every row runs to the end, as before
+        return fn()
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_compaction_keeps_every_token_and_logprob(flat_model, peaked_model, enc, tokenizer, greedy, monkeypatch):
+    model = peaked_model if greedy else flat_model
+    kw = {}
+    if greedy:  # greedy rows stop where each row's own trajectory meets a stop id: pick ids from them
+        ref = run(model, enc, tokenizer, greedy=True, num_samples=4, max_new_tokens=48)[0]
+        kw = dict(greedy=True, eos=[ref[0, 2].item(), ref[1, 11].item(), ref[2, 20].item()], num_samples=1,
+                  max_new_tokens=48)
+        sizes = batch_sizes(monkeypatch)
+        got = run(model, enc, tokenizer, return_logprobs=True, **kw)
+    else:
+        sizes = batch_sizes(monkeypatch)
+        got, kw = spread_stops(model, tokenizer, enc)
+    n = got[0].size(0)
+    assert min(sizes) < n and sorted(sizes, reverse=True) == sizes  # rows left the batch, never came back
+    if greedy:
+        assert got[1].sum(1).min() < 24 and got[1].sum(1).max() == 48
+    if "generator" in kw:
+        kw["generator"] = torch.Generator().manual_seed(3)
+    want = without_compaction(monkeypatch, lambda: run(model, enc, tokenizer, **{**kw, "return_logprobs": True}))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)  # other batch sizes, other rounding
+
+
+def test_compaction_keeps_each_rows_noise_across_process_splits(flat_model, enc, tokenizer, monkeypatch):
+    """Two processes sharing a seed, each sampling half the prompts with noise_rows, draw what one process does."""
+    whole, kw = spread_stops(flat_model, tokenizer, enc)
+    half = enc["input_ids"].size(0) // 2
+    parts = []
+    for r in range(2):
+        part = {k: v[r * half:(r + 1) * half] for k, v in enc.items()}
+        parts.append(run(flat_model, part, tokenizer, **{**kw, "generator": torch.Generator().manual_seed(3),
+                                                            "noise_rows": (r * half * 4, 2 * half * 4)}))
+    t = max(p[0].size(1) for p in parts)
+    assert t == whole[0].size(1)
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    torch.testing.assert_close(torch.cat([p[2] for p in parts]), whole[2], atol=1e-5, rtol=1e-5)
+
+
+def test_processor_edits_the_running_rows_logits(flat_model, enc, tokenizer, monkeypatch):
+    """A processor that makes the stop id certain at a per-row step: each row ends exactly there, compacted."""
+    eos = tokenizer.eos_token_id
+    stop_at = torch.tensor([3, 40, 9, 17, 1, 25, 33, 12])  # each row's last step
+
+    def force(logits, rows, t):
+        logits = logits.clone()
+        logits[:, eos] = float("-inf")
+        logits[stop_at[rows] == t] = torch.where(torch.arange(logits.size(1)) == eos, 0.0, float("-inf"))
+        return logits
+    sizes = batch_sizes(monkeypatch)
+    ids, mask = run(flat_model, enc, tokenizer, num_samples=2, max_new_tokens=48, processor=force,
+                    generator=torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == (stop_at + 1).tolist() and (ids[:, 41:] == tokenizer.pad_token_id).all()
+    assert (ids.gather(1, stop_at[:, None]) == eos).all() and min(sizes) < len(stop_at)
+
+
+def test_compiled_compaction_uses_few_shapes(flat_model, enc, tokenizer, monkeypatch):
+    sizes = []
+
+    def record(logits, rows, t):  # runs outside the compiled step
+        sizes.append(rows.numel())
+        return logits
+    got, kw = spread_stops(flat_model, tokenizer, enc, compile=True, processor=record)
+    n = got[0].size(0)
+    assert set(sizes) <= {n >> i for i in range(sampler.COMPILED_SIZES)} and min(sizes) < n
+    assert not common._FAILED, "a compiled step fell back to eager"
+    kw["generator"] = torch.Generator().manual_seed(3)
+    want = without_compaction(monkeypatch, lambda: run(flat_model, enc, tokenizer, **{**kw, "compile": False}))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)
+
+
+def test_bench_realistic_lengths_are_forced_on_both_sides():
+    """bench.py's realistic-length rows: the sampler (processor) and HF generate (logits_processor) each stop
+    every row after exactly its drawn length; the case asserts it on every call."""
+    import bench
+    for side in ("ours", "hf"):
+        step, work = bench.case_sampler(dict(model="tiny", batch=4, side=side, lengths="real"))
+        step()
+    lengths = bench.realistic_lengths(4)
+    assert work == lengths.sum() and lengths.min() >= 20 and lengths.max() <= bench.REAL_MAX

@@ -13,6 +13,7 @@ import torch
 import config
 import tasks
 import es
+import logprobs
 import train
 from mirror import NeuralMirror
 from sampler import completion_mask
@@ -116,7 +117,7 @@ def test_bf16_autocast_trains_with_float32_logprobs(small):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert max_change(params(run.model), before) > 0
     batch = train.rollout(run, run.train_set[:2], 2, generator=torch.Generator().manual_seed(0))
-    logp, _ = train.forward(run, run.model, train.completion_logprobs, batch, slice(0, 4))
+    logp, _ = train.forward(run, run.model, train.completion_logprobs, batch, train.forwards(run, batch)[0])
     assert logp.dtype == torch.float32
 
 
@@ -202,6 +203,49 @@ def test_fused_loss_gives_the_same_update(small, monkeypatch, divergence_type, l
         torch.testing.assert_close(deltas[0][k], deltas[1][k], atol=1e-6, rtol=1e-4, msg=k)
     for key in ("loss", "entropy", "ratio", "clip_low", "clip_high", "sampler_logp_gap"):
         assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("loss_type, divergence_type, iterations, fused", [
+    ("grpo", "neural_mirror", 1, True), ("bnpo", "kl", 2, True), ("dr_grpo", "none", 1, False),
+    ("dapo", "prob_l2", 1, True)])
+def test_length_sorted_forwards_give_the_same_update(small, monkeypatch, loss_type, divergence_type, iterations,
+                                                     fused):
+    """The learner's length-sorted forwards, each cut to its longest row, against the rows in order at the batch's
+    full width (the learner before): the same update to 1e-6, the same metrics."""
+    fixed_length_sampler(monkeypatch, lambda row, T: (5 * row + 2) % T)  # ragged: 2, 7, 12, 17, 22, 3, 8, 13, ...
+    real, seen = train.forwards, []
+
+    def full_width(run, batch):  # the learner before: rows in order, padded to the batch's widths
+        n, m, g = batch["ids"].size(0), batch["ids"].size(0) // run.cfg.gradient_accumulation_steps, run.cfg.num_generations
+        share = (torch.arange(0, m, g), torch.arange(m) // g)  # each group's prompt once, as the learner before did
+        return [logprobs.Chunk(torch.arange(i, i + m), batch["prompt_ids"].size(1), batch["ids"].size(1), share)
+                for i in range(0, n, m)]
+
+    def record(run, batch):
+        seen.append(batch)
+        return real(run, batch)
+
+    deltas, metrics = [], []
+    for forwards in (full_width, record):
+        monkeypatch.setattr(train, "forwards", forwards)
+        run = train.setup(make(small, loss_type=loss_type, divergence_type=divergence_type, num_iterations=iterations,
+                               fused_loss=fused, max_completion_length=24, batch_size=3, gradient_accumulation_steps=3,
+                               mirror_coefficient=0.5, beta=0.5, optimizer="sgd", learning_rate=0.1, max_grad_norm=0.0,
+                               rewards=LENGTH, eval_size=0, output_dir=f"{small['output_dir']}-{forwards.__name__}"))
+        before = params(run.model)
+        m, _ = train.train_step(run)
+        metrics.append(m)
+        deltas.append({k: v - before[k] for k, v in params(run.model).items()})
+    chunks, width = seen[0]["chunks"], seen[0]["ids"].size(1)
+    n = seen[0]["ids"].size(0)  # sorted and cut: most of the padding is skipped
+    assert len(chunks) > 3 and sum(len(c.rows) * c.length for c in chunks) < 0.7 * n * width
+    assert any(c.rows.tolist() != list(range(c.rows[0], c.rows[0] + len(c.rows))) for c in chunks)
+    assert max(d.abs().max().item() for d in deltas[0].values()) > 1e-3
+    for k in deltas[0]:
+        torch.testing.assert_close(deltas[1][k], deltas[0][k], atol=1e-6, rtol=1e-6, msg=k)
+    for key in ("loss", "entropy", "ratio", "clip_low", "clip_high", "bregman", "kl", "sampler_logp_gap"):
+        if key in metrics[0]:
+            assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-5, abs=1e-7), key
 
 
 # ---------------------------------------------------------------------------- reference policy

@@ -118,10 +118,9 @@ def test_bf16_base_keeps_log_probs_and_the_mirror_in_fp32(small):
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
     gen = torch.Generator().manual_seed(0)
     batch = train.rollout(run, run.train_set[:2], 4, generator=gen)
-    rows = slice(0, batch["ids"].size(0))
-    logp, _ = train.forward(run, model, train.completion_logprobs, batch, rows)
-    ref = train.reference_logprobs(run, batch)
-    assert logp.dtype == ref.dtype == torch.float32
+    batch["chunks"] = train.forwards(run, batch)
+    assert train.forward(run, model, train.completion_logprobs, batch, batch["chunks"][0])[0].dtype == torch.float32
+    logp, ref = train.step_logprobs(run, batch), train.step_logprobs(run, batch, reference=True)  # (N, T)
     mask = batch["mask"].bool()
     ours = divergence("neural_mirror", logp, ref, mirror=run.mirror, coef=1.0)[mask]
     exact = run.mirror.double().bregman(logp.double().exp(), ref.double().exp())[mask]
