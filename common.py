@@ -2,6 +2,7 @@
 
 The one leaf every file may import: it imports nothing of ours (and torch only where a function needs it).
 """
+import atexit
 import contextlib
 import datetime
 import difflib
@@ -121,6 +122,16 @@ def eval_mode(model):
 
 # ---------------------------------------------------------------------------- processes
 
+def local_gpu():
+    """This process's GPU under torchrun: LOCAL_RANK; ValueError when its node shows fewer GPUs than processes."""
+    import torch
+    rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if rank >= count:
+        raise ValueError(f"LOCAL_RANK={rank} but this node shows {count} GPU(s): start one process per GPU "
+                         f"(torchrun --nproc_per_node {count}), check CUDA_VISIBLE_DEVICES, or use device='cpu'")
+    return rank
+
+
 def init_distributed(device="auto", timeout_hours=2):
     """(rank, world): join torchrun's process group when launched by it (WORLD_SIZE > 1), gloo for the CPU
     tensors of metrics and stop flags, nccl beside it on GPUs; (0, 1) for a single process."""
@@ -130,10 +141,11 @@ def init_distributed(device="auto", timeout_hours=2):
     import torch.distributed as dist
     gpu = device != "cpu" and torch.cuda.is_available()
     if gpu:  # one GPU per process, whatever index the config names
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_gpu())
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo",
                                 timeout=datetime.timedelta(hours=timeout_hours))
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # NCCL wants it explicit
     return dist.get_rank(), dist.get_world_size()
 
 

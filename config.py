@@ -30,6 +30,8 @@ class Config:
     max_seq_length: int = _f(512, "longest prompt+completion the model is asked to handle (checked against its context)", "model")
     enable_thinking: Optional[bool] = _f(False, "passed to the chat template (Qwen3's thinking mode; off, as AlignTune); None leaves the template's default", "model")
     device: str = _f("auto", "auto / cpu / cuda / cuda:N", "model")
+    deterministic: bool = _f(False, "CUDA: deterministic kernels (torch.use_deterministic_algorithms, warn only; "
+                                    "CUBLAS_WORKSPACE_CONFIG), slower; CPU runs are already", "model")
     # lora
     use_lora: bool = _f(False, "train LoRA adapters instead of every weight; the reference policy is the base with adapters off", "lora")
     lora_r: int = _f(64, "adapter rank", "lora")

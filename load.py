@@ -14,6 +14,7 @@ import checkpoint
 import data
 import lora
 import rewards
+import common
 from common import log
 from mirror import NeuralMirror
 
@@ -24,8 +25,12 @@ def device_and_dtype(cfg, world=1):
                           "cpu" if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but no CUDA GPU is visible: use device='cpu'")
-    if device.type == "cuda" and world > 1:  # the process's own GPU (common.init_distributed selected it)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.deterministic:  # cuBLAS reads its workspace setting when it starts: before the first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda" and world > 1:  # the process's own GPU, also the default for bare "cuda"
+        device = torch.device("cuda", common.local_gpu())
+        torch.cuda.set_device(device)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

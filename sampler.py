@@ -122,9 +122,11 @@ def _lean_decode(model, token, attention_mask, pos, cache, at, length):
         q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (N, H, 1, D), (N, Hkv, 1, D)
         keys.index_copy_(2, at, k.to(keys.dtype))
         values.index_copy_(2, at, attn.v_proj(h).view(n, 1, -1, attn.head_dim).transpose(1, 2).to(values.dtype))
-        o = F.scaled_dot_product_attention(q.to(keys.dtype), keys[:, :, :length], values[:, :, :length],
-                                           attn_mask=mask, scale=attn.scaling, enable_gqa=True)  # (N, H, 1, D)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(n, 1, -1))
+        # the H / Hkv query heads of each key/value head as its queries: no GQA flag, which fused kernels refuse
+        o = F.scaled_dot_product_attention(q.to(keys.dtype).reshape(n, keys.size(1), -1, attn.head_dim),
+                                           keys[:, :, :length], values[:, :, :length], attn_mask=mask,
+                                           scale=attn.scaling)  # (N, Hkv, H / Hkv, D)
+        x = x + attn.o_proj(o.reshape(n, 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(inner.norm(x))[:, -1]  # (N, V)
 

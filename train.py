@@ -18,7 +18,8 @@ the Bregman divergence of a neural mirror map (mirror.py) instead of a KL. The c
 - The clip may be asymmetric (epsilon_low/high). With num_iterations = 1 the ratio is exp(logp - logp.detach()),
   1 in value; with more, the old log-probs are taken once, before the first update. A non-finite update is skipped.
 - fused_loss (the default) evaluates the same per-token objective inside the chunked lm_head pass
-  (logprobs.completion_loss): no (tokens, vocab) logits are held, none are recomputed in backward.
+  (logprobs.completion_loss): no (tokens, vocab) logits are held, none are recomputed in backward. Its
+  gradients form in the forward, so fp16's loss scale multiplies the loss itself, not its backward.
 """
 import contextlib
 import copy
@@ -161,6 +162,7 @@ def learn(run, batch, adv, loss_mask, ref_logp):
     cfg, model = run.cfg, run.model
     old_logp = step_logprobs(run, batch) if cfg.num_iterations > 1 else None  # (N, T)
     weights = token_weights(cfg, loss_mask, run.world)  # (N, T)
+    scale = run.scaler.scale(torch.ones((), device=run.device)) if run.scaler else 1.0  # fp16 (see fused_loss)
     sums = dict.fromkeys("loss entropy clip_low clip_high divergence ratio grad_norm logp_gap".split(), 0.0)
     for it in range(cfg.num_iterations):
         for c in batch["chunks"]:
@@ -172,16 +174,16 @@ def learn(run, batch, adv, loss_mask, ref_logp):
 
             def loss_fn(lp, k=slice(None)):  # lp (C,): log-probs of the kept tokens k
                 o = lp.detach() if old is None else old[k]
-                return (objective(run, lp, o, None if ref is None else ref[k], adv_tok[k])[0] * w[k]).sum()
+                return (objective(run, lp, o, None if ref is None else ref[k], adv_tok[k])[0] * w[k]).sum() * scale
 
             if cfg.fused_loss:  # the same objective, chunk by chunk inside the lm_head pass
                 loss, logp, ent = forward(run, model, completion_loss, batch, c, loss_fn)
             else:
                 logp, ent = forward(run, model, completion_logprobs, batch, c)  # (n, t)
                 loss = loss_fn(logp[keep])
-            (run.scaler.scale(loss) if run.scaler else loss).backward()
+            loss.backward()
             with torch.no_grad():  # per-token sums for the metrics
-                logp, m = logp.detach(), cut(loss_mask).float()
+                logp, m, loss = logp.detach(), cut(loss_mask).float(), loss / scale
                 _, stats = objective(run, logp, logp if old_logp is None else cut(old_logp), cut(ref_logp),
                                      adv[c.rows, None])
                 for k, v in dict(loss=loss, entropy=ent * keep, **{k: v.float() * m for k, v in stats.items()}).items():
@@ -253,10 +255,9 @@ def rollout(run, examples, num_samples, generator=None, greedy=False):
                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=greedy,
                         generator=generator, return_logprobs=not greedy, compile=cfg.torch_compile,
                         noise_rows=(run.rank * n, run.world * n))  # eval (greedy) needs no log-probs
-    comp, comp_mask = out[0], out[1]  # (N, T)
-    texts = tok.batch_decode(comp.masked_fill(comp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    texts = tok.batch_decode(out[0].masked_fill(out[1] == 0, tok.pad_token_id), skip_special_tokens=True)
     return dict(prompt_ids=ids.repeat_interleave(num_samples, 0), prompt_mask=mask.repeat_interleave(num_samples, 0),
-                ids=comp, mask=comp_mask, sampler_logp=out[2] if not greedy else None, texts=texts, prompts_cut=n_cut)
+                ids=out[0], mask=out[1], sampler_logp=out[2] if not greedy else None, texts=texts, prompts_cut=n_cut)
 
 
 def forwards(run, batch):
@@ -374,8 +375,7 @@ def train(cfg, mirror=None):
     if cfg.backend != "trl":
         return fit(setup(cfg, mirror))
     if mirror is not None:
-        raise ValueError("backend='trl' reads its mirror from the config: save it (NeuralMirror.save) and give "
-                         "mirror_path")
+        raise ValueError("backend='trl' reads its mirror from the config: NeuralMirror.save it, give mirror_path")
     import trl_backend
     return trl_backend.train(cfg)
 

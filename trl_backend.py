@@ -241,7 +241,7 @@ def build_trainer(cfg, callbacks=(), **grpo_args):
     world = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate's processes
     common.configure_logging(cfg.log_level, int(os.environ.get("RANK", "0")))
     torch.manual_seed(cfg.seed)  # the LoRA initialisation, as the native loop seeds it
-    device, amp_dtype = load.device_and_dtype(cfg)
+    device, amp_dtype = load.device_and_dtype(cfg, world)  # under torchrun the process's own GPU, set as default
     check(cfg, device)
     reward_fns = load.reward_fns(cfg, device)
     model, tokenizer = load.policy(cfg, device, amp_dtype)

@@ -6,8 +6,10 @@ the verifiable reward of the RL run that follows is what corrects it. This is ke
 trainer and cached: the first `python train.py --config configs/demo.py` builds it (about a minute
 on 2 CPU cores), later runs load it from the cache folder.
 """
+import fcntl
 import os
 import random
+import shutil
 import sys
 
 import torch
@@ -60,18 +62,24 @@ def careless(rows, rate, seed=0):
 def prepare(folder, rows, exclude=(), steps=300, seed=0, label_noise=0.0, **sizes):
     """Build (once) a tokenizer and model, cold-start them on `rows` minus the `exclude` questions, save.
 
-    label_noise: the share of demonstrations whose final answer is off by one (see careless)."""
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    exclude = set(exclude)
-    rows = careless([r for r in rows if r["question"] not in exclude], label_noise, seed)
-    tokenizer = tiny.build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=512, seed=seed)
-    model = tiny.build_model(tokenizer, seed=seed, **sizes)
-    sft(model, tokenizer, rows, steps, seed=seed)
-    tmp = folder + ".tmp"
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar after the cold start's own
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    label_noise: the share of demonstrations whose final answer is off by one (see careless). Processes that
+    start together (torchrun) take turns on a lock file: one builds, the others then find it built."""
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+        exclude = set(exclude)
+        rows = careless([r for r in rows if r["question"] not in exclude], label_noise, seed)
+        tokenizer = tiny.build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=512, seed=seed)
+        model = tiny.build_model(tokenizer, seed=seed, **sizes)
+        sft(model, tokenizer, rows, steps, seed=seed)
+        tmp = folder + ".tmp"
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar after the cold start's own
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a build that was killed
+        shutil.rmtree(folder, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
     return folder

@@ -1,0 +1,187 @@
+"""Readiness for GPUs and torchrun, checked on CPU: what a careful read of the device, precision and
+multi-process code found, each with the behaviour that must hold."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_processes_starting_together_build_the_cold_start_once(tmp_path):
+    """torchrun's ranks all call coldstart.prepare on an empty cache: one builds, the others wait for it."""
+    folder = str(tmp_path / "cache" / "coldstart")
+    code = (f"import sys; sys.path[:0] = [{REPO!r}, {os.path.join(REPO, 'configs')!r}]\n"
+            "import coldstart, tasks\n"
+            f"print(coldstart.prepare({folder!r}, tasks.toy_task(64, seed=1), steps=2, layers=1, hidden=32,"
+            " heads=2, kv_heads=1, head_dim=16))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert all(out.strip().endswith(folder) for out, _ in outs)
+    assert os.path.isfile(os.path.join(folder, "config.json")) and not os.path.exists(folder + ".tmp")
+
+
+def fake_gpus(monkeypatch, count, rank, world=2):
+    """torchrun's environment for process `rank` of `world` on a node showing `count` GPUs; returns the devices
+    torch.cuda.set_device was given."""
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, small):
+    import pytest
+    import torch.distributed as dist
+
+    import common
+    import config
+    import load
+    cfg = config.make(**{**small, "device": "cuda", "precision": "auto"})  # built before CUDA is faked
+    fake_gpus(monkeypatch, count=1, rank=1)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group it cannot serve"))
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this node shows 1 GPU.*--nproc_per_node 1"):
+        common.init_distributed("cuda")
+    with pytest.raises(ValueError, match="--nproc_per_node 1"):
+        load.device_and_dtype(cfg, 2)
+
+
+def test_each_process_takes_its_own_gpu_on_both_backends(monkeypatch, small):
+    """Rank 1 of 2 runs on cuda:1, made the default device, natively and with backend='trl' (which used to resolve
+    the device as one process would: bare 'cuda', i.e. GPU 0, for every rank)."""
+    import pytest
+    import torch
+
+    import config
+    import load
+    import trl_backend
+    from transformers.trainer_callback import PrinterCallback  # noqa: F401 - imported before CUDA is faked
+    cfg = config.make(**{**small, "device": "cuda", "precision": "auto"})
+    chosen = fake_gpus(monkeypatch, count=2, rank=1)
+    device, dtype = load.device_and_dtype(cfg, 2)
+    assert device == torch.device("cuda", 1) and chosen == [device] and dtype == torch.bfloat16
+    real, seen = load.device_and_dtype, []
+
+    def stop_after(cfg, world=1):  # the device the TRL backend resolves; then stop before any model is built
+        seen.append(real(cfg, world)[0])
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(load, "device_and_dtype", stop_after)
+    with pytest.raises(RuntimeError, match="stop here"):
+        trl_backend.build_trainer(cfg)
+    assert seen == [torch.device("cuda", 1)]
+
+
+def test_fp16_fused_loss_keeps_small_gradients():
+    """Under fp16 autocast the fused kernel forms the lm_head and hidden gradients in its forward. With the loss
+    scale applied only in backward (as GradScaler.scale(loss) does) tiny per-token weights flush them to zero; with
+    the scale inside the loss, as train.learn now applies it, they match float64."""
+    import torch
+
+    import logprobs
+    g = torch.Generator().manual_seed(0)
+    n, d, v, scale = 64, 32, 301, 2.0 ** 16
+    hidden, weight = torch.randn(n, d, generator=g), 0.02 * torch.randn(v, d, generator=g)
+    targets, w = torch.randint(0, v, (n,), generator=g), torch.full((n,), 1e-7)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (torch.log_softmax(h64 @ w64.T, -1).gather(-1, targets[:, None]).squeeze(-1) * w).sum().backward()
+    errors = {}
+    for inside in (False, True):
+        h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, _, _ = logprobs.token_loss(h, wt, targets, lambda lp, s: (lp * w[s]).sum() * (scale if inside else 1))
+        (loss if inside else loss * scale).backward()
+        errors[inside] = [((x.grad.double() / scale - ref.grad).norm() / ref.grad.norm()).item()
+                          for x, ref in ((h, h64), (wt, w64))]
+    assert min(errors[False]) > 0.2  # the defect: the gradients flushed before the scale could protect them
+    assert max(errors[True]) <= 1e-2, errors
+
+
+def test_fp16_loss_scale_gives_the_fused_and_plain_losses_the_same_update(small, monkeypatch):
+    """train.learn with a GradScaler and fp16 autocast (on CPU, faked as the run's precision) and per-token
+    gradients near fp16's smallest numbers: the fused loss and the plain one agree, the reported loss is unscaled."""
+    import torch
+
+    import config
+    import train
+    grads, metrics = [], []
+    for fused in (True, False):
+        run = train.setup(config.make(**{**small, "fused_loss": fused, "loss_type": "dapo", "eval_size": 0,
+                                         "scale_rewards": "none", "output_dir": f"{small['output_dir']}-{fused}",
+                                         "rewards": [{"type": "length", "params": {"target_length": 3},
+                                                      "weight": 1e-5}]}))  # advantages ~1e-5: tiny gradients
+        run.amp_dtype, run.scaler = torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        monkeypatch.setattr(train, "optimizer_step", lambda run: grads.append(
+            [p.grad.double() / run.scaler.get_scale() for p in run.model.parameters()]) or 0.0)
+        metrics.append(train.train_step(run)[0])
+    for a, b in zip(*grads):
+        assert ((a - b).norm() / b.norm().clamp(min=1e-30)).item() <= 1e-2
+    assert metrics[0]["loss"] == __import__("pytest").approx(metrics[1]["loss"], rel=1e-2, abs=1e-6)
+    assert abs(metrics[0]["loss"]) < 1e-3  # not multiplied by the 65536 scale
+
+
+def test_the_lean_decode_step_never_asks_sdpa_for_gqa_with_a_mask(tiny_dir, monkeypatch):
+    """CUDA's fused attention kernels take no enable_gqa together with a mask: such a call falls back to the math
+    kernel, which copies the keys and values to every query head, every layer, every token."""
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import sampler
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # a GQA model
+    calls = []
+
+    def sdpa(*args, **kw):
+        calls.append(kw)
+        return torch.nn.functional.scaled_dot_product_attention(*args, **kw)
+    monkeypatch.setattr(sampler, "F", types.SimpleNamespace(scaled_dot_product_attention=sdpa))
+    ids = torch.randint(3, 100, (2, 5))
+    sampler.sample(model, ids, torch.ones_like(ids), max_new_tokens=4, eos_token_id=0, pad_token_id=0,
+                   num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert calls and not any(kw.get("enable_gqa") and kw.get("attn_mask") is not None for kw in calls)
+
+
+def test_a_failing_rank_ends_every_rank_within_seconds(small, tmp_path):
+    """Rank 1's reward raises at the first step: rank 0, waiting in the next collective, must not sit there until
+    the process group's timeout. Under torchrun the survivor's collective fails as its peer's connection closes
+    (gloo), and the launcher stops the other ranks (SIGTERM, then SIGKILL), so the run ends with rank 1's message."""
+    import json
+    import time
+    (tmp_path / "badreward.py").write_text(
+        "import os\n\n\ndef bad(text, reference=None, **kw):\n"
+        "    if os.environ.get('RANK') == '1':\n        raise RuntimeError('reward exploded on rank 1')\n"
+        "    return float(len(text) % 3)\n")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(REPO, "train.py"), "--model_name", small["model_name"], "--dataset_name",
+            small["dataset_name"], "--column_mapping", json.dumps(small["column_mapping"]), "--rewards",
+            json.dumps([{"type": "custom", "params": {"reward_function": "badreward:bad"}}]), "--eval_size", "0",
+            "--batch_size", "2", "--num_generations", "4", "--max_completion_length", "8", "--max_steps", "3",
+            "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    start = time.monotonic()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "reward exploded on rank 1" in done.stdout + done.stderr
+    assert time.monotonic() - start < 120
+
+
+
+def test_deterministic_switch(small, monkeypatch):
+    import torch
+
+    import config
+    import load
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        load.device_and_dtype(config.make(**{**small, "deterministic": True}))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
