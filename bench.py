@@ -78,6 +78,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, TrainerCallback  # noqa: E402
 
+import common  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import logprobs  # noqa: E402
@@ -500,6 +501,8 @@ def run_case(spec):
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        if common._FAILED:  # a compiled side that fell back to eager is not a compiled timing
+            sys.exit(f"torch.compile failed for {sorted(fn.__name__ for fn in common._FAILED)}")
     print("RESULT " + json.dumps(dict(seconds=statistics.median(times[1:]), warmup=times[0], work=work,
                                       peak=memory_peak() - base)))
 
@@ -510,20 +513,21 @@ _results = {}
 
 
 def measure(**spec):
-    """Run one case in a fresh subprocess (memoised within this run); returns its result dict."""
+    """Run one case in a fresh subprocess (memoised within this run); returns its result dict, or None when it
+    failed (its error goes to stderr and the other cases still run)."""
     key = json.dumps(spec, sort_keys=True)
     if key not in _results:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", key],
                               capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"case {key} failed:\n{proc.stderr[-3000:]}")
-        _results[key] = json.loads(lines[-1][len("RESULT "):])
-        print(f"  {key}: {_results[key]}", file=sys.stderr)
+        _results[key] = json.loads(lines[-1][len("RESULT "):]) if lines and not proc.returncode else None
+        print(f"  {key}: {_results[key] or 'FAILED: ' + proc.stderr[-3000:]}", file=sys.stderr)
     return _results[key]
 
 
 def row(name, shape, unit, ours, peer, value):
+    if ours is None or peer is None:
+        return dict(row=name, shape=shape, unit=unit, failed=True)
     a, b = value(ours), value(peer)
     return dict(row=name, shape=shape, unit=unit, ours=a, peer=b, ratio=a / b, mem_ours=ours["peak"] / 2**20,
                 mem_peer=peer["peak"] / 2**20)
@@ -542,7 +546,7 @@ def rows_sampler(full, repeats):
                                              if lengths == "real" else "")
         for side, name in (("ours", "sampler vs HF generate"), ("compiled", "sampler compiled vs HF generate")):
             ours = measure(**spec, side=side)
-            extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" else ""
+            extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" and ours else ""
             yield row(name + extra, shape, "tokens/s", ours, hf, lambda r: r["work"] / r["seconds"])
 
 
@@ -573,7 +577,7 @@ def rows_step(full, repeats):
             if side == "compiled" and length == "real" and not full:
                 continue
             ours = measure(**spec, side=side)
-            extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" else ""
+            extra = f" (compile {ours['warmup'] - ours['seconds']:.0f} s, untimed)" if side == "compiled" and ours else ""
             yield row(name + extra, shape, "s/step", ours, trl_, lambda r: r["seconds"])
         if length == "real":
             ours, trl_kl = (measure(**spec, side=side) for side in ("nmgrpo", "trl_kl"))
@@ -660,7 +664,7 @@ def rows_gpu(full, repeats):
                 continue
             read = weight_bytes("qwen3-0.6b", "bf16") * NEW_TOKENS  # every decode step reads the weights once
             yield row(f"sampler {side}: weight bytes read vs a device copy", f"qwen3-0.6b bf16, batch {batch}",
-                      "GB/s", {**ours, "bytes": read}, {**copy, "bytes": copy["work"]},
+                      "GB/s", ours and {**ours, "bytes": read}, copy and {**copy, "bytes": copy["work"]},
                       lambda r: r["bytes"] / r["seconds"] / 1e9)
     shape = LOGPROB_SHAPES["liger"]
     naive = measure(case="logprobs", side="naive", shape=shape, repeats=repeats)
@@ -694,6 +698,9 @@ def main():
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         for r in ROWS[name](args.full, args.repeats):
+            if r.get("failed"):  # its error is on stderr
+                print(f"| {r['row']} | {r['shape']} | {r['unit']} | failed | | | | |", flush=True)
+                continue
             print(f"| {r['row']} | {r['shape']} | {r['unit']} | {r['ours']:.4g} | {r['peer']:.4g} | {r['ratio']:.3f} "
                   f"| {r['mem_ours']:.0f} | {r['mem_peer']:.0f} |", flush=True)
 

@@ -23,8 +23,9 @@ def _stats_(logits, targets):
     logp_all = logits.sub_(lse[:, None])
     if torch.compiler.is_compiling():  # one fused reduction
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    else:  # eagerly, a batched dot product saves a (C, V) temporary
-        entropy = -torch.bmm(logp_all.exp()[:, None], logp_all[:, :, None]).flatten()
+    else:  # eagerly, a batched dot product saves a (C, V) temporary; in float32 (autocast would round it)
+        with torch.autocast(logits.device.type, enabled=False):
+            entropy = -torch.bmm(logp_all.exp()[:, None], logp_all[:, :, None]).flatten()
     return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy, lse
 
 
@@ -53,7 +54,11 @@ def _logits(h, temperature, weight, out):
     """Float32 logits (C, V) of h (C, D) at `temperature`, written into out[:C], the reused buffer."""
     h = (h / temperature).to(weight.dtype)  # 1/T folded into h costs (C, D), not (C, V)
     out = out[: h.size(0)]
-    return torch.mm(h, weight.T, out=out) if h.dtype == torch.float32 else out.copy_(h @ weight.T)
+    if h.dtype == torch.float32:
+        return torch.mm(h, weight.T, out=out)
+    if h.is_cuda:  # half inputs, float32 sums written as float32: the logits are not rounded to half first
+        return torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+    return out.copy_(h @ weight.T)
 
 
 def _backprop(g, h, weight, grad_h, grad_w):

@@ -185,3 +185,34 @@ def test_deterministic_switch(small, monkeypatch):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_the_entropy_is_float32_under_bf16_autocast():
+    """The kernel's entropy is a batched dot product of float32 log-softmax rows; autocast used to run it in
+    bf16 (a relative error of about 1e-2)."""
+    import torch
+
+    import logprobs
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(64, 32, generator=g), 0.3 * torch.randn(301, 32, generator=g)
+    targets = torch.randint(0, 301, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, entropy = logprobs.token_logprobs(hidden, weight, targets)
+    logits = (hidden.to(torch.bfloat16) @ weight.to(torch.bfloat16).T).double()  # the kernel's bf16 matmul
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(entropy.double(), -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_bench_reports_a_failed_case_and_goes_on(monkeypatch, capsys):
+    """A case that fails is a 'failed' row, not the end of the run; a compiled side that fell back to eager fails
+    its case instead of being timed as compiled."""
+    import pytest
+
+    import bench
+    import common
+    assert bench.measure(case="no such case", repeats=1) is None
+    assert bench.row("r", "s", "u", None, {"peak": 0}, lambda r: 1)["failed"]
+    monkeypatch.setattr(common, "_FAILED", set())
+    monkeypatch.setitem(bench.CASES, "broken", lambda spec: (lambda: common._FAILED.add(bench.run_case), 1))
+    with pytest.raises(SystemExit, match="torch.compile failed for"):
+        bench.run_case({"case": "broken", "repeats": 1})
