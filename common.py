@@ -59,7 +59,8 @@ def compiled_call(fn, enabled, *args, **options):
         import torch
         try:
             if fn not in _COMPILED:  # dynamo's default of 8 graphs per function is too few for the sampler
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+                limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
                 _COMPILED[fn] = torch.compile(fn, **options)
             return _COMPILED[fn](*args)
         except Exception as e:  # no compiler, unsupported backend, ...

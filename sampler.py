@@ -176,7 +176,7 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
     compile (a preallocated cache, attention over all of it) keeps the law: tokens agree up to kernel rounding.
     noise_rows=(offset, total): each step draws (total, K) uniforms, of which these rows take offset ... offset
     + N - 1, so processes sharing a seed and splitting one batch draw what one process would; default (0, N).
-    A row's tokens and noise do not depend on which other rows still run. processor(logits (n, V), rows (n,), t)
+    A row's noise, and so its tokens up to kernel rounding, do not depend on which other rows still run. processor(logits (n, V), rows (n,), t)
     -> logits, as a transformers LogitsProcessor, edits the next-token logits of the running rows (their rows in
     the result) before the choice of token t."""
     dev = input_ids.device
@@ -228,7 +228,9 @@ def sample(model, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pa
         keep = _compact(done, live, n, compile) if fast and live > 0 else None
         if keep is not None:  # the stopped rows leave the batch and its keys/values
             rows, token, done, pos, attention_mask = (x[keep] for x in (rows, token, done, pos, attention_mask))
-            cache = [(keys[keep], values[keep]) for keys, values in cache]
+            for i, (keys, values) in enumerate(cache):  # in place, layer by layer: one layer's copy at a time
+                cache[i] = (keys[keep], values[keep])
+            del keys, values
         if cache is prefill:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
         else:
