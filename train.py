@@ -187,11 +187,11 @@ def learn(run, batch, adv, loss_mask, ref_logp):
                 _, stats = objective(run, logp, logp if old_logp is None else cut(old_logp), cut(ref_logp),
                                      adv[c.rows, None])
                 for k, v in dict(loss=loss, entropy=ent * keep, **{k: v.float() * m for k, v in stats.items()}).items():
-                    sums[k] += v.sum().item() / cfg.num_iterations
+                    sums[k] += v.sum() / cfg.num_iterations  # on the device: read once, at the end
                 if it == 0:  # the sampler and the learner should agree on the weights they share
-                    sums["logp_gap"] += ((logp - cut(batch["sampler_logp"])).abs() * keep).sum().item()
+                    sums["logp_gap"] += ((logp - cut(batch["sampler_logp"])).abs() * keep).sum()
         sums["grad_norm"] += optimizer_step(run) / cfg.num_iterations
-    return sums
+    return {k: float(v) for k, v in sums.items()}
 
 
 # ---------------------------------------------------------------------------- one step
