@@ -54,7 +54,8 @@ RECOMPILE_LIMIT = 64  # graphs one compiled function may hold (the sampler's ste
 
 def compiled_call(fn, enabled, *args, **options):
     """fn(*args), through its torch.compile'd twin (built once with `options`) when enabled; after a failed compile
-    fn runs eagerly for good, with one warning. The one place where anything is compiled."""
+    fn runs eagerly for good, with one warning; a shape past the graph limit runs eagerly, the graphs it holds go on
+    serving theirs. The one place where anything is compiled."""
     if enabled and fn not in _FAILED:
         import torch
         try:
@@ -63,6 +64,8 @@ def compiled_call(fn, enabled, *args, **options):
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
                 _COMPILED[fn] = torch.compile(fn, **options)
             return _COMPILED[fn](*args)
+        except getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ()):  # fullgraph's error at the limit
+            warn_once(f"torch.compile of {fn.__name__} holds as many graphs as it may: a new shape runs eagerly")
         except Exception as e:  # no compiler, unsupported backend, ...
             _FAILED.add(fn)
             warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eagerly")

@@ -71,7 +71,7 @@ class Config:
     adam_beta2: float = _f(0.999, "Adam beta2", "training")
     adam_epsilon: float = _f(1e-8, "Adam epsilon", "training")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (<= 0: no clipping)", "training")
-    optimizer: str = _f("adamw_torch", "adamw_torch / adamw / adam / sgd", "training")
+    optimizer: str = _f("adamw_torch", "adamw_torch / adamw / adam / sgd (the Adams fused into one kernel on CUDA)", "training")
     lr_scheduler: str = _f("cosine", "any transformers scheduler: linear, cosine, constant, constant_with_warmup, ...", "training")
     warmup_steps: int = _f(10, "optimizer updates of linear warmup", "training")
     warmup_ratio: float = _f(0.0, "warmup as a fraction of the updates (when > 0, it replaces warmup_steps)", "training")

@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Mapping
 
 import torch
-from datasets import Dataset, DatasetDict, ReadInstruction, load_dataset, load_from_disk
 
 from common import callable_from, log, warn_once
 from tasks import preset_by_shape, preset_for, resolve_mapping, toy_task
@@ -22,19 +21,38 @@ EVAL_SPLITS = ("test", "validation")  # a source's own held-out splits, the firs
 
 # ----------------------------------------------------------------------------- loading
 
+def _hf():
+    """The `datasets` package, imported where a file, folder, Hub name or split slice needs it."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("this dataset needs the `datasets` package: pip install datasets (the toy task and "
+                          "in-memory rows with a whole split, e.g. split='train', do not)") from None
+    return datasets
+
+
+def _is_table(table):
+    """Whether table is a datasets.Dataset (else a list or tuple of row dicts)."""
+    return not isinstance(table, (list, tuple))
+
+
 def _split_rows(splits, split):
     """Rows of `split` (HF syntax, e.g. 'train[:10%]') from a dict of in-memory splits (lists or Datasets)."""
+    if "[" not in split and "+" not in split and not any(map(_is_table, splits.values())):  # no `datasets` needed
+        if split not in splits:
+            raise ValueError(f"Unknown split {split!r}. Should be one of {list(splits)}.")
+        return [dict(r) for r in splits[split]]
     rows = []
-    for part in ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in splits.items()}):
+    for part in _hf().ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in splits.items()}):
         table = splits[part.splitname]
-        rows += (table.select(range(part.from_, part.to)).to_list() if isinstance(table, Dataset)
+        rows += (table.select(range(part.from_, part.to)).to_list() if _is_table(table)
                  else [dict(r) for r in table[part.from_:part.to]])
     return rows
 
 
 def _rows(table):
     """A Dataset's rows as dicts; a list as it is."""
-    return table.to_list() if isinstance(table, Dataset) else table
+    return table.to_list() if _is_table(table) else table
 
 
 def _load(source, config_name, split, seed, max_samples, cache_dir=None):
@@ -47,17 +65,17 @@ def _load(source, config_name, split, seed, max_samples, cache_dir=None):
         ext = os.path.splitext(source)[1].lower()
         if ext not in FILE_BUILDERS:
             raise ValueError(f"{source}: unsupported file type {ext!r}; use one of {sorted(FILE_BUILDERS)}")
-        return load_dataset(FILE_BUILDERS[ext], data_files=source, split=split)
+        return _hf().load_dataset(FILE_BUILDERS[ext], data_files=source, split=split)
     if os.path.isdir(source):
         if not any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
-            return load_dataset(source, split=split)  # a folder of data files
-        saved = load_from_disk(source)  # written by save_to_disk
-        return _split_rows(dict(saved) if isinstance(saved, DatasetDict) else {"train": saved}, split)
+            return _hf().load_dataset(source, split=split)  # a folder of data files
+        saved = _hf().load_from_disk(source)  # written by save_to_disk
+        return _split_rows(dict(saved) if isinstance(saved, _hf().DatasetDict) else {"train": saved}, split)
     if os.path.splitext(source)[1].lower() in FILE_BUILDERS or source.startswith(("/", ".", "~")):
         raise ValueError(f"dataset_name={source!r} is not an existing file or folder: check the path, "
                          "or give a Hub name like 'openai/gsm8k'")
     try:
-        return load_dataset(source, config_name, split=split, cache_dir=cache_dir)
+        return _hf().load_dataset(source, config_name, split=split, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError) as e:  # offline, or no such dataset on the Hub
         raise ValueError(f"dataset_name={source!r} could not be loaded ({str(e).splitlines()[0]}): check the "
                          "name, go online, or give a local file or folder") from None
@@ -67,7 +85,7 @@ def _first(table, n):
     """The first n rows (all for None) of a Dataset or a list, as the same kind."""
     if n is None:
         return table
-    return table.select(range(min(n, len(table)))) if isinstance(table, Dataset) else table[:n]
+    return table.select(range(min(n, len(table)))) if _is_table(table) else table[:n]
 
 
 def _checked(fn, batched, rows, indices):
@@ -92,9 +110,9 @@ def _process(table, fn, batched):
     """The rows of table (a Dataset or a list of row dicts) through a processing_fn, called as
     Dataset.map(fn, batched=batched) calls it: one row (a dict) or a batch (a dict of lists) at a time."""
     check = functools.partial(_checked, fn, batched)
-    if batched and not isinstance(table, Dataset):
-        table = Dataset.from_list(table)
-    if isinstance(table, Dataset):
+    if batched and not _is_table(table):
+        table = _hf().Dataset.from_list(table)
+    if _is_table(table):
         return table.map(check, batched=batched, with_indices=True, remove_columns=table.column_names,
                          keep_in_memory=True, desc="processing_fn").to_list()
     return [check(row, i) for i, row in enumerate(table)]

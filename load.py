@@ -116,8 +116,8 @@ def policy(cfg, device, amp_dtype, sharded=False):
                          "packed weights; use distributed='ddp' (each process holds the quantized model)")
     quant = quantization(cfg, amp_dtype)
     bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded
-    model, tokenizer = model_and_tokenizer(cfg.model_name, device, cfg, torch.bfloat16 if bf16_base else torch.float32,
-                                           quant)
+    model, tokenizer = model_and_tokenizer(cfg.model_name, torch.device("cpu") if sharded else device, cfg,
+                                           torch.bfloat16 if bf16_base else torch.float32, quant)  # FSDP: see shard
     if cfg.use_lora:
         t = cfg.lora_target_modules  # 'all-linear', a list, or 'q_proj,v_proj'
         targets = t if t == "all-linear" else [x.strip() for x in t.split(",")] if isinstance(t, str) else list(t)
@@ -199,7 +199,7 @@ def optimizer(cfg, model):
     if cfg.optimizer in ("adamw_torch", "adamw", "adam"):
         adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         return adam(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                    weight_decay=cfg.weight_decay)
+                    weight_decay=cfg.weight_decay, fused=True if params and all(p.is_cuda for p in params) else None)
     return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 

@@ -57,21 +57,19 @@ def in_nucleus(probs, draws, top_p):
     return (p >= bounds.gather(-1, lo.clamp(max=k - 1))) & (lo < k)
 
 
-def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, greedy=False, u=None):
-    """One token per row from last-position logits (N, V): argmax, or a filtered sample.
-
-    Each uniform of `u` (N, draws_per_row(top_p)), or of `generator`, is a token of the (top-k filtered) law by
-    inverse-CDF; the first inside the top-p nucleus is the sample (rejection: exactly the nucleus), else the argmax."""
-    if greedy:
-        return logits.argmax(-1)
+def law(logits, temperature=1.0, top_k=0):
+    """softmax(logits / temperature) (N, V) in float32, over the top_k most likely tokens when 0 < top_k < V."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # (N, V)
+    return torch.softmax(logits, dim=-1)
+
+
+def draw(probs, u, top_p=1.0):
+    """The token (N,) of each row of probs (N, V) by inverse-CDF: each uniform of u (N, K) is a token; the first
+    inside the top-p nucleus is the sample (rejection: exactly the nucleus), else the argmax."""
     cdf = probs.cumsum(-1)
-    if u is None:
-        u = torch.rand(cdf.size(0), draws_per_row(top_p), generator=generator, device=cdf.device)
     draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)  # first cdf > u: (N, K)
     if top_p >= 1.0:
         return draws[:, 0]
@@ -80,8 +78,24 @@ def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gree
     return torch.where(inside.any(-1), first, probs.argmax(-1))
 
 
+def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, greedy=False, u=None):
+    """One token per row from last-position logits (N, V): argmax, or a draw of the (top-k filtered) law with the
+    uniforms u (N, draws_per_row(top_p)), or fresh ones from `generator`."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = law(logits, temperature, top_k)
+    if u is None:
+        u = torch.rand(probs.size(0), draws_per_row(top_p), generator=generator, device=probs.device)
+    return draw(probs, u, top_p)
+
+
 def _choose(logits, u, temperature, top_p, top_k, greedy, with_logp):
-    """The next token (N,) and, with_logp, its log-prob (N,) under softmax(logits / temperature)."""
+    """The next token (N,) and, with_logp, its log-prob (N,) under softmax(logits / temperature): read off the
+    sampling law itself where no top-k filter changes it (one pass over the vocabulary fewer)."""
+    if with_logp and not greedy and not 0 < top_k < logits.size(-1):
+        probs = law(logits, temperature)
+        token = draw(probs, u, top_p)
+        return token, probs.gather(-1, token[:, None]).squeeze(-1).log()
     token = next_token(logits, temperature, top_p, top_k, greedy=greedy, u=u)
     if not with_logp:
         return token, None

@@ -95,8 +95,8 @@ def setup(cfg, mirror=None, solo=False):
         model.activation_checkpointing_enable()
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.divergence_type != "none" and \
         not cfg.use_lora else None  # a frozen copy; with LoRA the reference is the base, adapters off
-    roots = {id(m): fsdp.shard(m, frozen=m is ref_model) for m in (model, ref_model) if m is not None} \
-        if sharded else {}
+    roots = {id(m): fsdp.shard(m, frozen=m is ref_model, dtype=amp_dtype) for m in (model, ref_model)
+             if m is not None} if sharded else {}  # each shard moves from the CPU to the device
     steps, opt = load.total_steps(cfg, len(train_set), world), load.optimizer(cfg, model)
     run = Run(cfg=cfg, device=device, amp_dtype=amp_dtype, model=model, ref_model=ref_model, tokenizer=tokenizer,
               mirror=copy.deepcopy(load.mirror(cfg) if mirror is None else mirror).to(device).requires_grad_(False),
@@ -315,15 +315,16 @@ def train_step(run):
 
 @torch.no_grad()
 def evaluate(run):
-    """Greedy completions of the held-out prompts: eval/accuracy for math, and the mean reward."""
-    totals, correct = [], []
-    for i in range(0, len(run.eval_set), run.cfg.eval_batch_size):
-        examples = run.eval_set[i:i + run.cfg.eval_batch_size]
+    """Greedy completions of the held-out prompts, split over the processes: eval/accuracy (math), mean reward."""
+    totals, correct, mine, size = [], [], run.eval_set[run.rank::run.world], run.cfg.eval_batch_size
+    for i in range(0, len(run.eval_set[::run.world]), size):  # as many batches on every process (FSDP gathers)
+        examples, keep = mine[i:i + size] or run.eval_set[:1], len(mine[i:i + size])  # none left: a stand-in
         total, columns = score(run, examples, rollout(run, examples, 1, greedy=True)["texts"])
-        totals += total.tolist()
-        correct += columns.get("math_correctness", [])
-    return {"eval/reward": sum(totals) / len(totals), **({"eval/accuracy": sum(correct) / len(correct)} if correct
-                                                         else {})}
+        totals += total.tolist()[:keep]
+        correct += columns.get("math_correctness", [])[:keep]
+    r, n, c, m = all_reduce(torch.tensor([sum(totals), len(totals), sum(correct), len(correct)], dtype=torch.float64,
+                                         device=run.device), run.world).tolist()
+    return {"eval/reward": r / n, **({"eval/accuracy": c / m} if m else {})}
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -340,8 +341,7 @@ def fit(run, save_last=True):
         log.info(f"{cfg.model_name}: {load.parameter_count(run.model):,} parameters on {run.device}, "
                  f"{len(run.train_set)} train / {len(run.eval_set)} held-out prompts, {run.total_steps} steps")
         if do_eval and cfg.eval_on_start and run.step == 0:
-            last = {"step": 0, **evaluate(run)}
-            evals.append(last)
+            evals.append(last := {"step": 0, **evaluate(run)})
             record(last)
         while run.step < run.total_steps:
             m, completions = train_step(run)

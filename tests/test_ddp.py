@@ -1,6 +1,7 @@
 """torchrun: two gloo processes on CPU give the parameters one process gives over the same global batch,
 with DDP and with FSDP (fully_shard); FSDP's sharded checkpoints resume exactly."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -54,10 +55,14 @@ ADAMW = ["--optimizer", "adamw_torch", "--learning_rate", "0.01"]
 
 
 def test_fsdp_matches_one_process(small, tmp_path):
-    one, _ = run(small, str(tmp_path / "one"), 1, 4, "dapo", extra=ADAMW)
-    two, _ = run(small, str(tmp_path / "two"), 2, 2, "dapo", extra=[*ADAMW, "--distributed", "fsdp"])
+    """The update, and the eval split over the processes: 5 prompts in batches of 2 are 2 batches on rank 0 and
+    1 on rank 1, which samples a stand-in batch so that both gather as often."""
+    evals = ["--eval_size", "5", "--eval_batch_size", "2"]
+    one, m1 = run(small, str(tmp_path / "one"), 1, 4, "dapo", extra=[*ADAMW, *evals])
+    two, m2 = run(small, str(tmp_path / "two"), 2, 2, "dapo", extra=[*ADAMW, *evals, "--distributed", "fsdp"])
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert m1[-1]["eval/reward"] == pytest.approx(m2[-1]["eval/reward"], abs=1e-6)
     ckpt = tmp_path / "two" / "checkpoint-3"
     assert sorted(os.listdir(ckpt / "shards")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     from transformers import AutoModelForCausalLM  # the whole weights load as any checkpoint does
@@ -77,3 +82,14 @@ def test_fsdp_resumes_exactly_and_checks_its_shards(small, tmp_path):
     shard = tmp_path / "b" / "checkpoint-3" / "shards" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
     assert "shards/__1_0.distcp" in checkpoint.checkpoint_problem(str(tmp_path / "b" / "checkpoint-3"))
+
+
+def test_fsdp_bf16_learns_and_saves_fp32_weights(small, tmp_path):
+    """bf16 under FSDP (the groups gathered in bf16, see test_gpu_ready): two processes learn, the saved weights
+    are fp32."""
+    bf16, rows = run(small, str(tmp_path / "bf16"), 2, 2, "dapo",
+                     extra=[*ADAMW, "--distributed", "fsdp", "--precision", "bf16"])
+    initial = load_file(os.path.join(small["model_name"], "model.safetensors"))
+    assert all(v.dtype == initial[k].dtype for k, v in bf16.items() if k in initial)
+    assert max((bf16[k] - initial[k]).abs().max().item() for k in bf16 if k in initial) > 1e-4
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)

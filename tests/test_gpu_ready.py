@@ -216,3 +216,68 @@ def test_bench_reports_a_failed_case_and_goes_on(monkeypatch, capsys):
     monkeypatch.setitem(bench.CASES, "broken", lambda spec: (lambda: common._FAILED.add(bench.run_case), 1))
     with pytest.raises(SystemExit, match="torch.compile failed for"):
         bench.run_case({"case": "broken", "repeats": 1})
+
+
+def test_a_shape_past_the_graph_limit_runs_eagerly_and_the_compiled_ones_go_on(monkeypatch):
+    """At dynamo's graph limit fullgraph raises; that shape runs eagerly, the graphs already made keep serving
+    theirs (the whole function used to turn eager for good)."""
+    import torch
+
+    import common
+    monkeypatch.setattr(common, "_FAILED", set())
+    monkeypatch.setattr(common, "RECOMPILE_LIMIT", 2)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+    def double_sum(x):
+        return (2 * x).sum(-1)
+    with torch._dynamo.config.patch(**{limit: 2}):
+        for n in (1, 2, 3, 4):  # two graphs, then two shapes past the limit
+            assert torch.equal(common.compiled_call(double_sum, True, torch.ones(n, 4), fullgraph=True, dynamic=False),
+                               torch.full((n,), 8.0))
+        assert double_sum not in common._FAILED
+        with torch._dynamo.config.patch(error_on_recompile=True):  # served by its graph: no new compile
+            assert torch.equal(common._COMPILED[double_sum](torch.ones(2, 4)), torch.full((2,), 8.0))
+    assert hasattr(torch._dynamo.config, limit)
+
+
+def test_the_toy_task_needs_no_datasets_package():
+    """data.py imports `datasets` only where a file, folder, Hub name or split slice needs it (a GPU image may not
+    have it); asking for one without it names the install."""
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "import data\n"
+            "train, held_out = data.load_examples('toy', max_samples=300, eval_size=20, seed=0)\n"
+            "print(len(train), len(held_out))\n"
+            "try:\n"
+            "    data.load_examples('toy', split='train[:50%]')\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "280 20" and "pip install datasets" in lines[1]
+
+
+def test_fsdp_shards_gather_in_bf16_and_stay_fp32(tiny_dir):
+    """fsdp.shard with bf16: a forward sees bf16 weights, the shards (what the optimizer steps) stay fp32, and the
+    reference's root is resharded after its forward."""
+    code = f"""
+import torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+import fsdp
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29431", rank=0, world_size=1)
+for frozen in (False, True):
+    model = AutoModelForCausalLM.from_pretrained({tiny_dir!r})
+    root = fsdp.shard(model, frozen=frozen, dtype=torch.bfloat16)
+    seen, shards = [], {{(p.dtype, type(p).__name__) for p in model.parameters()}}
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(m.weight.dtype))
+    out = root(lambda m, ids: m(input_ids=ids).logits, torch.tensor([[1, 2, 3]]))
+    print(seen[0], shards, out.dtype, type(model.lm_head.weight).__name__)
+dist.destroy_process_group()
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trained, frozen = out.stdout.strip().splitlines()
+    # the trained root stays whole until its backward, the frozen one is resharded
+    assert trained == "torch.bfloat16 {(torch.float32, 'DTensor')} torch.bfloat16 Parameter"
+    assert frozen == "torch.bfloat16 {(torch.float32, 'DTensor')} torch.bfloat16 DTensor"

@@ -341,6 +341,21 @@ def test_next_token_rows_use_their_own_logits_and_greedy_is_argmax():
     assert all(len(many[:, r].unique()) > 40 for r in range(6))
 
 
+@pytest.mark.parametrize("top_p, top_k, greedy", [(1.0, 0, False), (0.9, 0, False), (0.9, 5, False),
+                                                    (1.0, 0, True)])
+def test_choose_gives_the_token_of_next_token_and_its_log_prob(top_p, top_k, greedy):
+    """The sampler's head: the token next_token draws from the same uniforms, and its log-prob under
+    softmax(logits / T), read off the sampling law itself where no top-k filter changes it."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(8, 5000, generator=gen)).to(torch.bfloat16)
+    u = torch.rand(8, sampler.draws_per_row(top_p), generator=gen)
+    token, logp = sampler._choose(logits, u, 0.7, top_p, top_k, greedy, True)
+    assert torch.equal(token, sampler.next_token(logits, 0.7, top_p, top_k, greedy=greedy, u=u))
+    want = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, token[:, None]).squeeze(-1)
+    torch.testing.assert_close(logp.double(), want, atol=1e-5, rtol=0)
+    assert sampler._choose(logits, u, 0.7, top_p, top_k, greedy, False)[1] is None
+
+
 def test_next_token_accepts_half_precision_logits():
     gen = torch.Generator().manual_seed(0)
     tokens = sampler.next_token(LOGITS.to(torch.bfloat16).expand(N, -1), 1.0, 1.0, 0, gen)

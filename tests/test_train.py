@@ -582,3 +582,21 @@ def test_held_out_score_trains_with_the_given_mirror_and_saves_nothing(small, tm
     assert torch.equal(run.mirror.to_vector(), mirror.to_vector())  # mirror_path replaces the random map
     with pytest.raises(ValueError, match="mirror_path='nope' is not a file"):
         config.make(**small, mirror_path="nope")
+
+
+def test_each_process_evaluates_its_share(small, monkeypatch):
+    """Rank 1 of 2 samples every other held-out prompt, as many batches as rank 0 (a stand-in where it has none
+    left), and the sums it reduces count only its own prompts."""
+    run = train.setup(make(small, rewards=LENGTH, eval_size=5, eval_batch_size=2))
+    whole = train.evaluate(run)
+    seen, reduced = [], []
+    rollout = train.rollout
+    monkeypatch.setattr(train, "rollout", lambda run_, examples, *a, **k: seen.append(examples) or
+                        rollout(run_, examples, *a, **k))
+    monkeypatch.setattr(train, "all_reduce", lambda x, world, op="sum": reduced.append(x.tolist()) or x)
+    run.rank, run.world = 1, 2
+    train.evaluate(run)
+    assert seen == [run.eval_set[1:4:2], run.eval_set[:1]]  # its two prompts, then a stand-in batch
+    assert reduced[0][1] == 2  # rows counted: its own
+    run.rank, run.world = 0, 1
+    assert train.evaluate(run) == whole
