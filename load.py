@@ -4,6 +4,7 @@ Device and precision, the model and tokenizer (with LoRA adapters), the task's e
 prompts, the rewards, the mirror, the optimizer and schedule, the number of steps, the check that a run never
 writes over an earlier one, and the choice of the best eval.
 """
+import copy
 import logging
 import math
 import os
@@ -125,6 +126,16 @@ def policy(cfg, device, amp_dtype, sharded=False):
         if cfg.gradient_checkpointing:  # the frozen embeddings give no grad to checkpoint through otherwise
             model.enable_input_require_grads()
     return model, tokenizer
+
+
+def reference(cfg, model, device, amp_dtype, sharded=False):
+    """The frozen reference policy, a copy of the initial weights; None with LoRA (the reference is the base with
+    its adapters off) or without a regulariser. Under FSDP it is loaded again once the policy is sharded, so that
+    the host never holds two whole models."""
+    if cfg.divergence_type == "none" or cfg.use_lora:
+        return None
+    ref = policy(cfg, device, amp_dtype, sharded)[0] if sharded else copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
 
 
 def parameter_count(model):

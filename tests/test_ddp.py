@@ -84,12 +84,16 @@ def test_fsdp_resumes_exactly_and_checks_its_shards(small, tmp_path):
     assert "shards/__1_0.distcp" in checkpoint.checkpoint_problem(str(tmp_path / "b" / "checkpoint-3"))
 
 
-def test_fsdp_bf16_learns_and_saves_fp32_weights(small, tmp_path):
+def test_fsdp_bf16_learns_saves_fp32_weights_and_resumes_exactly(small, tmp_path):
     """bf16 under FSDP (the groups gathered in bf16, see test_gpu_ready): two processes learn, the saved weights
-    are fp32."""
-    bf16, rows = run(small, str(tmp_path / "bf16"), 2, 2, "dapo",
-                     extra=[*ADAMW, "--distributed", "fsdp", "--precision", "bf16"])
+    are fp32, and a run resumed from step 2 ends bitwise equal."""
+    bf16 = [*ADAMW, "--distributed", "fsdp", "--precision", "bf16", "--save_steps", "1"]
+    straight, rows = run(small, str(tmp_path / "a"), 2, 2, "dapo", extra=bf16)
     initial = load_file(os.path.join(small["model_name"], "model.safetensors"))
-    assert all(v.dtype == initial[k].dtype for k, v in bf16.items() if k in initial)
-    assert max((bf16[k] - initial[k]).abs().max().item() for k in bf16 if k in initial) > 1e-4
+    assert all(v.dtype == initial[k].dtype for k, v in straight.items() if k in initial)
+    assert max((straight[k] - initial[k]).abs().max().item() for k in straight if k in initial) > 1e-4
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-3")
+    resumed, _ = run(small, str(tmp_path / "b"), 2, 2, "dapo", extra=[*bf16, "--resume", "latest"])
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0
