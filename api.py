@@ -43,7 +43,8 @@ class RLTrainer:
         return self.results
 
     def evaluate(self):
-        """Held-out metrics (eval/accuracy, eval/reward) of the current weights (backend 'trl': TRL's evaluation)."""
+        """Held-out metrics (eval/accuracy, eval/reward) of the current weights (backend 'trl': TRL's evaluation).
+        Under torchrun every process calls it: each evaluates its share of the prompts, then the sums are reduced."""
         if self.cfg.backend == "trl":
             import trl_backend
             self.trl = self.trl or trl_backend.build_trainer(self.cfg)

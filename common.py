@@ -48,7 +48,7 @@ def callable_from(value, what):
     return value
 
 
-_COMPILED, _FAILED = {}, set()  # fn -> its torch.compile'd twin; fns whose compile failed
+_COMPILED, _FAILED, _FULL = {}, set(), set()  # fn -> its compiled twin; fns whose compile failed; fns at the limit
 RECOMPILE_LIMIT = 64  # graphs one compiled function may hold (the sampler's step: batch x cache sizes x greedy)
 
 
@@ -63,12 +63,17 @@ def compiled_call(fn, enabled, *args, **options):
                 limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
                 _COMPILED[fn] = torch.compile(fn, **options)
+            if fn in _FULL and hasattr(torch.compiler, "set_stance"):  # a new shape runs eagerly, no retrace
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    return _COMPILED[fn](*args)
             return _COMPILED[fn](*args)
-        except getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ()):  # fullgraph's error at the limit
-            warn_once(f"torch.compile of {fn.__name__} holds as many graphs as it may: a new shape runs eagerly")
-        except Exception as e:  # no compiler, unsupported backend, ...
-            _FAILED.add(fn)
-            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eagerly")
+        except Exception as e:  # no compiler, unsupported backend, ...; at the graph limit (fullgraph), that shape
+            if type(e).__name__ == "FailOnRecompileLimitHit":
+                _FULL.add(fn)
+                warn_once(f"torch.compile of {fn.__name__} holds as many graphs as it may: new shapes run eagerly")
+            else:
+                _FAILED.add(fn)
+                warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eagerly")
     return fn(*args)
 
 

@@ -37,23 +37,26 @@ def decoder_layers(model):
     return layers
 
 
-def shard(model, frozen=False, dtype=None):
+def shard(model, frozen=False, dtype=None, device=None):
     """fully_shard each decoder layer of `model`, then the Root around it: the root (an FSDPModule). Each group
     moves to the process's device as it is sharded, so a model loaded on the CPU never lands whole on a GPU.
     `frozen`: a model that only runs forwards (the reference), whose root must reshard after each one.
     `dtype` (autocast's): bf16 gathers the weights in bf16 (fp16 would put the residual stream in fp16), the
-    gradients still reduced in float32."""
+    gradients still reduced in float32. `device`: the run's (None: torch's default, the accelerator if any)."""
     try:
         import torch
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
         FSDPModule.set_force_sum_reduction_for_comms
     except (ImportError, AttributeError):
         raise ValueError("distributed='fsdp' needs a newer torch (pip install -U torch; tested with 2.13): "
                          "or use distributed='ddp'") from None
     policy = MixedPrecisionPolicy(param_dtype=dtype if dtype == torch.bfloat16 else None, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),)) if device is not None else None
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
-    root = fully_shard(Root(model), mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    root = fully_shard(Root(model), mesh=mesh, mp_policy=policy)
     if frozen:  # FSDP keeps a root gathered until its backward, which a frozen model never runs
         root.set_reshard_after_forward(True, recurse=False)
     for m in root.modules():

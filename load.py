@@ -117,8 +117,10 @@ def policy(cfg, device, amp_dtype, sharded=False):
                          "packed weights; use distributed='ddp' (each process holds the quantized model)")
     quant = quantization(cfg, amp_dtype)
     bf16_base = cfg.use_lora and amp_dtype == torch.bfloat16 and not sharded
-    model, tokenizer = model_and_tokenizer(cfg.model_name, torch.device("cpu") if sharded else device, cfg,
-                                           torch.bfloat16 if bf16_base else torch.float32, quant)  # FSDP: see shard
+    with torch.random.fork_rng(devices=[]):  # weights missing from the checkpoint: the same init at every load
+        torch.manual_seed(cfg.seed)  # (load.reference loads again under FSDP)
+        model, tokenizer = model_and_tokenizer(cfg.model_name, torch.device("cpu") if sharded else device, cfg,
+                                               torch.bfloat16 if bf16_base else torch.float32, quant)  # FSDP: shard
     if cfg.use_lora:
         t = cfg.lora_target_modules  # 'all-linear', a list, or 'q_proj,v_proj'
         targets = t if t == "all-linear" else [x.strip() for x in t.split(",")] if isinstance(t, str) else list(t)

@@ -93,10 +93,10 @@ def setup(cfg, mirror=None, solo=False):
     train_set, eval_set = load.task(cfg, tokenizer, reward_list, world)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    roots = {id(model): fsdp.shard(model, dtype=amp_dtype)} if sharded else {}  # each group moves to the device
+    roots = {id(model): fsdp.shard(model, dtype=amp_dtype, device=device)} if sharded else {}  # moves it there
     ref_model = load.reference(cfg, model, device, amp_dtype, sharded)  # None with LoRA: the base, adapters off
     if ref_model is not None and sharded:
-        roots[id(ref_model)] = fsdp.shard(ref_model, frozen=True, dtype=amp_dtype)
+        roots[id(ref_model)] = fsdp.shard(ref_model, frozen=True, dtype=amp_dtype, device=device)
     steps, opt = load.total_steps(cfg, len(train_set), world), load.optimizer(cfg, model)
     run = Run(cfg=cfg, device=device, amp_dtype=amp_dtype, model=model, ref_model=ref_model, tokenizer=tokenizer,
               mirror=copy.deepcopy(load.mirror(cfg) if mirror is None else mirror).to(device).requires_grad_(False),

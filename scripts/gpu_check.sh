@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One CUDA GPU, about 8 minutes, from the repository root: what a CPU cannot check.
-#   bash scripts/gpu_check.sh [LOGS]        (LOGS: a folder for one log per check, default /tmp/nmgrpo-gpu)
+#   bash scripts/gpu_check.sh [LOGS]        (LOGS: a folder for 8 logs, one per check; default $OUT or /tmp/nmgrpo-gpu)
 # First, side by side (small models; ~3 min): checks.py (the lean and compiled sampler against generate, which
 # attention kernel serves the decode step, host syncs in one sample, compiled shapes past dynamo's default limit,
-# the sampling head at Qwen3's vocabulary, the log-prob kernel in bf16 against float64, fp16 gradients with the
-# loss scale, fused and plain); the demo on CUDA in bf16 and fp16, with compile and LoRA; a real one-rank
-# cpu:gloo,cuda:nccl group under DDP and FSDP; the precision tests. Then alone, for its timings: bench.py --rows gpu.
+# the log-prob kernel in bf16 against float64, fp16 gradients with the loss scale, fused and plain); the demo on
+# CUDA in bf16 and fp16, with compile and LoRA; a real one-rank cpu:gloo,cuda:nccl group under DDP and FSDP; the
+# precision tests. Then alone, for their timings: the sampling head at Qwen3's vocabulary against generate's top-p,
+# and bench.py --rows gpu. Every step has its own time limit: about 9 minutes at most.
 # The toy task needs no `datasets`; the tests do: WHEELS names a folder of wheels for it (see README, Speed).
 # PYTHON names the interpreter that has torch (default python3).
 set -uo pipefail
-LOGS=${1:-/tmp/nmgrpo-gpu}; WORK=$(mktemp -d); PY=${PYTHON:-python3}; mkdir -p "$LOGS"
+LOGS=${1:-${OUT:-/tmp/nmgrpo-gpu}}; WORK=$(mktemp -d); PY=${PYTHON:-python3}; mkdir -p "$LOGS"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ! "$PY" -c 'import datasets' 2>/dev/null && [ -d "${WHEELS:-}" ]; then
-  timeout 60 "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" "$WHEELS"/*.whl && export PYTHONPATH=$PYTHONPATH:$WORK/site
+  timeout 60 "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" --target "$WORK/site" datasets dill multiprocess \
+    && export PYTHONPATH=$PYTHONPATH:$WORK/site
 fi
 run() {  # name, seconds, command: its log in $LOGS, its end on stdout in one write
   n=$1 t=$2; shift 2; timeout "$t" "$@" >"$LOGS/$n.log" 2>&1; r=$?
@@ -45,20 +47,6 @@ for rows in (1, 2, 3, 5, 8):
     for n in (8, 72):
         S(ids[:1].repeat(rows, 1), mask[:1].repeat(rows, 1), n, num_samples=2, compile=True, generator=g)
 print(f"10 compiled shapes in {time.time() - t0:.0f} s; compile failed: {sorted(f.__name__ for f in common._FAILED)}")
-def timed(fn, *a):
-    fn(*a); fn(*a); s, e = torch.cuda.Event(True), torch.cuda.Event(True); s.record()
-    for _ in range(10): fn(*a)
-    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / 10
-N, V = 512, 151936; z = 4 * torch.randn(N, V, device=dev, dtype=torch.bfloat16, generator=g)
-def hf_top_p(x, p=0.9):  # generate's way: sort, cumsum, mask, multinomial
-    x = x.float(); srt, idx = x.sort(-1); drop = srt.softmax(-1).cumsum(-1) <= 1 - p; drop[:, -1] = False
-    return torch.multinomial(x.masked_fill(drop.scatter(-1, idx, drop), -float("inf")).softmax(-1), 1)
-for top_p in (1.0, 0.9):
-    u = torch.rand(N, sampler.draws_per_row(top_p), device=dev, generator=g)
-    f = lambda x: sampler._choose(x, u, 1.0, top_p, 0, False, True)
-    ms = [timed(f, z), timed(torch.compile(f, fullgraph=True), z)]
-    print(f"sampling head N={N} V={V} top_p={top_p} with log-prob: eager {ms[0]:.2f} ms, compiled {ms[1]:.2f} ms,"
-          f" generate-style top-p {timed(hf_top_p, z):.2f} ms; logits read once: {N * V * 2 / 4.3e9:.2f} ms at 4.3 TB/s")
 h, W = torch.randn(2048, 512, device=dev, generator=g), 0.18 * torch.randn(32768, 512, device=dev, generator=g)
 t, a = torch.randint(32768, (2048,), device=dev, generator=g), 1e-7 * torch.randn(2048, device=dev, generator=g)
 naive = torch.log_softmax(h.double() @ W.double().T, -1).gather(-1, t[:, None]).squeeze(-1)
@@ -76,6 +64,24 @@ r = grad(False, False)
 print("fp16 + loss scale, rel. error of d/dhidden [fused, plain] (<= 1e-2):",
       [round(((grad(f, True) - r).norm() / r.norm()).item(), 4) for f in (True, False)])
 EOF
+cat >"$WORK/head.py" <<'EOF'
+import torch, sampler  # the sampling head at Qwen3's vocabulary, timed alone
+dev, g = torch.device("cuda"), torch.Generator("cuda").manual_seed(0)
+def timed(fn, *a):
+    fn(*a); fn(*a); s, e = torch.cuda.Event(True), torch.cuda.Event(True); s.record()
+    for _ in range(10): fn(*a)
+    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / 10
+N, V = 512, 151936; z = 4 * torch.randn(N, V, device=dev, dtype=torch.bfloat16, generator=g)
+def hf_top_p(x, p=0.9):  # generate's way: sort, cumsum, mask, multinomial
+    x = x.float(); srt, idx = x.sort(-1); drop = srt.softmax(-1).cumsum(-1) <= 1 - p; drop[:, -1] = False
+    return torch.multinomial(x.masked_fill(drop.scatter(-1, idx, drop), -float("inf")).softmax(-1), 1)
+for top_p in (1.0, 0.9):
+    u = torch.rand(N, sampler.draws_per_row(top_p), device=dev, generator=g)
+    f = lambda x: sampler._choose(x, u, 1.0, top_p, 0, False, True)
+    ms = [timed(f, z), timed(torch.compile(f, fullgraph=True), z)]
+    print(f"sampling head N={N} V={V} top_p={top_p} with log-prob: eager {ms[0]:.2f} ms, compiled {ms[1]:.2f} ms,"
+          f" generate-style top-p {timed(hf_top_p, z):.2f} ms; logits read once: {N * V * 2 / 4.3e9:.2f} ms at 4.3 TB/s")
+EOF
 cat >"$WORK/nccl1.py" <<'EOF'
 import sys, torch.distributed as dist, common, train  # a real 1-rank cpu:gloo,cuda:nccl group, world faked to 2
 dist.init_process_group("cpu:gloo,cuda:nccl")
@@ -83,7 +89,8 @@ common.init_distributed = lambda device="auto", timeout_hours=2: (0, 2)  # every
 sys.exit(train.main(sys.argv[1:]))
 EOF
 D="--config configs/demo.py --device=cuda --logging_steps=2 --eval_on_start=false --eval_steps=0"
-timeout 120 "$PY" -c 'import runpy; runpy.run_path("configs/demo.py")'  # the cold start, built once
+timeout 60 "$PY" -c 'import runpy; runpy.run_path("configs/demo.py")'  # the cold start, built once
+export OMP_NUM_THREADS=2  # seven jobs side by side share the cores
 {
   TAIL=14 run checks 200 "$PY" "$WORK/checks.py" &
   run demo_bf16 180 "$PY" train.py $D --precision=bf16 --max_steps=12 --eval_on_start=true --eval_steps=6 --output_dir="$WORK/bf16" &
@@ -92,10 +99,11 @@ timeout 120 "$PY" -c 'import runpy; runpy.run_path("configs/demo.py")'  # the co
   for m in ddp fsdp; do
     run nccl_$m 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$WORK/nccl1.py" $D --precision=bf16 --max_steps=3 --distributed=$m --loss_type=dapo --scale_rewards=batch --output_dir="$WORK/nccl-$m" &
   done
-  run tests 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu_ready.py tests/test_logprobs.py tests/test_sampler.py -k "compile or bf16 or autocast or fused or fp16 or sdpa or gpu" &
+  run tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_ready.py tests/test_logprobs.py tests/test_sampler.py -k "compile or bf16 or autocast or fused or fp16 or sdpa or device or cuda" &
   wait
 }
 for f in "$WORK"/*/metrics.jsonl; do [ -f "$f" ] || continue
   tail -n1 "$f" | "$PY" -c 'import json,sys; r=json.load(sys.stdin); print(sys.argv[1].split("/")[-2], {k: r.get(k) for k in ("step","loss","grad_norm","sampler_logp_gap","skipped_steps","time_sample","memory/sample_mib","memory/learn_mib","eval/accuracy")})' "$f"
 done
-TAIL=24 run bench 270 "$PY" bench.py --rows gpu --repeats 2
+unset OMP_NUM_THREADS
+TAIL=28 run bench 270 bash -c '"$0" "$1"; "$0" bench.py --rows gpu --repeats 2' "$PY" "$WORK/head.py"
