@@ -92,13 +92,12 @@ def next_token(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gree
 def _choose(logits, u, temperature, top_p, top_k, greedy, with_logp):
     """The next token (N,) and, with_logp, its log-prob (N,) under softmax(logits / temperature): read off the
     sampling law itself where no top-k filter changes it (one pass over the vocabulary fewer)."""
-    if with_logp and not greedy and not 0 < top_k < logits.size(-1):
-        probs = law(logits, temperature)
-        token = draw(probs, u, top_p)
-        return token, probs.gather(-1, token[:, None]).squeeze(-1).log()
-    token = next_token(logits, temperature, top_p, top_k, greedy=greedy, u=u)
+    probs = None if greedy else law(logits, temperature, top_k)
+    token = logits.argmax(-1) if greedy else draw(probs, u, top_p)
     if not with_logp:
         return token, None
+    if not greedy and not 0 < top_k < logits.size(-1):
+        return token, probs.gather(-1, token[:, None]).squeeze(-1).log()
     scaled = logits.float() / temperature
     return token, scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
