@@ -5,8 +5,9 @@
 # attention kernel serves the decode step, host syncs in one sample, compiled shapes past dynamo's default limit,
 # the log-prob kernel in bf16 against float64, fp16 gradients with the loss scale, fused and plain); the demo on
 # CUDA in bf16 and fp16, with compile and LoRA; a real one-rank cpu:gloo,cuda:nccl group under DDP and FSDP; the
-# precision tests. Then alone, for their timings: the sampling head at Qwen3's vocabulary against generate's top-p,
-# and bench.py --rows gpu. Every step has its own time limit: about 9 minutes at most.
+# precision tests. Then alone, for their timings: the sampling head at Qwen3's vocabulary against generate's top-p
+# and a one-pass top-p candidate (BENCHMARKS.md), and bench.py --rows gpu. Every step has its own time limit:
+# about 9 minutes at most.
 # The toy task needs no `datasets`; the tests do: WHEELS names a folder of wheels for it (see README, Speed).
 # PYTHON names the interpreter that has torch (default python3).
 set -uo pipefail
@@ -81,6 +82,17 @@ for top_p in (1.0, 0.9):
     ms = [timed(f, z), timed(torch.compile(f, fullgraph=True), z)]
     print(f"sampling head N={N} V={V} top_p={top_p} with log-prob: eager {ms[0]:.2f} ms, compiled {ms[1]:.2f} ms,"
           f" generate-style top-p {timed(hf_top_p, z):.2f} ms; logits read once: {N * V * 2 / 4.3e9:.2f} ms at 4.3 TB/s")
+def binned(probs, draws, top_p):  # a candidate for in_nucleus: one pass bins the vocabulary between the drawn
+    p = probs.gather(-1, draws); bounds = p.sort(-1).values; n, k = bounds.shape  # probabilities, bins summed
+    bins = torch.searchsorted(bounds, probs, out_int32=True)  # (N, V): bounds[b-1] < x <= bounds[b]
+    bins += torch.arange(0, n * (k + 1), k + 1, device=dev, dtype=torch.int32)[:, None]
+    mass = probs.new_zeros(n * (k + 1)).index_add_(0, bins.view(-1), probs.view(-1)).view(n, k + 1)
+    lo = (mass.flip(-1).cumsum(-1).flip(-1)[:, 1:] >= top_p).sum(-1, keepdim=True)  # bounds with >= top_p above
+    return (p >= bounds.gather(-1, lo.clamp(max=k - 1))) & (lo < k)
+probs = sampler.law(z); draws = torch.multinomial(probs, u.size(1), generator=g)
+same = torch.equal(sampler.in_nucleus(probs, draws, 0.9), binned(probs, draws, 0.9))
+print(f"top-p test at top_p=0.9, eager: bisection {timed(sampler.in_nucleus, probs, draws, 0.9):.2f} ms, "
+      f"one-pass bins {timed(binned, probs, draws, 0.9):.2f} ms; same: {same}")
 EOF
 cat >"$WORK/nccl1.py" <<'EOF'
 import sys, torch.distributed as dist, common, train  # a real 1-rank cpu:gloo,cuda:nccl group, world faked to 2
