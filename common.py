@@ -33,6 +33,19 @@ def did_you_mean(name, options):
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def require(package, minimum, why):
+    """An ImportError naming the upgrade when `package` is older than `minimum` (an older one would run, wrongly)."""
+    from importlib.metadata import version
+    from packaging.version import Version
+    if Version(version(package)) < Version(minimum):
+        raise ImportError(f"{package} {version(package)} is installed; nmgrpo needs {package}>={minimum} ({why}): "
+                          f"pip install -U '{package}>={minimum}'")
+
+
+TRANSFORMERS = "5.24"  # requirements.txt's floor: models take their cache as cache= and have activation checkpointing
+require("transformers", TRANSFORMERS, "an older one ignores cache= and samples without the prompt")
+
+
 def callable_from(value, what):
     """value when it is callable, else the function a 'module:function' string names; a ValueError that names
     `what` (the setting) otherwise."""

@@ -50,13 +50,16 @@ def _compute_dtype(hidden):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
 
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")  # torch.mm(..., out_dtype=), torch >= 2.8
+
+
 def _logits(h, temperature, weight, out):
     """Float32 logits (C, V) of h (C, D) at `temperature`, written into out[:C], the reused buffer."""
     h = (h / temperature).to(weight.dtype)  # 1/T folded into h costs (C, D), not (C, V)
     out = out[: h.size(0)]
     if h.dtype == torch.float32:
         return torch.mm(h, weight.T, out=out)
-    if h.is_cuda:  # half inputs, float32 sums written as float32: the logits are not rounded to half first
+    if h.is_cuda and _MM_OUT_DTYPE:  # half inputs, float32 sums written as float32: no rounding to half first
         return torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
     return out.copy_(h @ weight.T)
 

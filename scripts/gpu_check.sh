@@ -8,15 +8,18 @@
 # precision tests. Then alone, for their timings: the sampling head at Qwen3's vocabulary against generate's top-p
 # and a one-pass top-p candidate (BENCHMARKS.md), and bench.py --rows gpu. Every step has its own time limit:
 # about 9 minutes at most.
-# The toy task needs no `datasets`; the tests do: WHEELS names a folder of wheels for it (see README, Speed).
+# WHEELS names a folder of wheels installed ahead of the machine's packages (README): `datasets` for the tests, and
+# transformers where the machine's is older than requirements.txt's.
 # PYTHON names the interpreter that has torch (default python3).
 set -uo pipefail
 LOGS=${1:-${OUT:-/tmp/nmgrpo-gpu}}; WORK=$(mktemp -d); PY=${PYTHON:-python3}; mkdir -p "$LOGS"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if ! "$PY" -c 'import datasets' 2>/dev/null && [ -d "${WHEELS:-}" ]; then
-  timeout 60 "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" --target "$WORK/site" datasets dill multiprocess \
+if [ -d "${WHEELS:-}" ]; then  # what the machine lacks or has too old, ahead of its own packages
+  timeout 120 "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" "$WHEELS"/*.whl \
     && export PYTHONPATH=$PYTHONPATH:$WORK/site
 fi
+"$PY" -c 'import torch, transformers as t, common; print("torch", torch.__version__, "| transformers", t.__version__)' \
+  || exit 1  # no torch, or a transformers older than requirements.txt's (common says which): nothing could run
 run() {  # name, seconds, command: its log in $LOGS, its end on stdout in one write
   n=$1 t=$2; shift 2; timeout "$t" "$@" >"$LOGS/$n.log" 2>&1; r=$?
   printf '== %s: rc=%s\n%s\n' "$n" "$r" "$(tail -n "${TAIL:-6}" "$LOGS/$n.log")"

@@ -360,3 +360,20 @@ def test_a_weight_missing_from_the_checkpoint_loads_the_same_every_time(small, t
     torch.manual_seed(123)  # whatever the global generator holds
     third = dict(load.policy(cfg, torch.device("cpu"), None)[0].named_parameters())
     assert all(torch.equal(first[k], second[k]) and torch.equal(first[k], third[k]) for k in first)
+
+
+def test_an_older_transformers_than_required_stops_with_the_upgrade(monkeypatch):
+    """transformers < 5.24 ignores cache= and would sample without the prompt: importing nmgrpo stops instead."""
+    import importlib.metadata
+    import re
+
+    import pytest
+
+    import common
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.17.0")
+    with pytest.raises(ImportError, match=re.escape("transformers 5.17.0 is installed; nmgrpo needs "
+                                                    "transformers>=5.24") + ".*pip install -U 'transformers>=5.24'"):
+        common.require("transformers", common.TRANSFORMERS, "why")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.24.0")
+    common.require("transformers", common.TRANSFORMERS, "why")
+    assert f"transformers>={common.TRANSFORMERS}," in open(os.path.join(REPO, "requirements.txt")).read()
