@@ -37,8 +37,8 @@ def require(package, minimum, why):
     """An ImportError naming the upgrade when `package` is older than `minimum` (an older one would run, wrongly)."""
     from importlib.metadata import version
     from packaging.version import Version
-    if Version(version(package)) < Version(minimum):
-        raise ImportError(f"{package} {version(package)} is installed; nmgrpo needs {package}>={minimum} ({why}): "
+    if Version(have := version(package)) < Version(minimum):
+        raise ImportError(f"{package} {have} is installed; nmgrpo needs {package}>={minimum} ({why}): "
                           f"pip install -U '{package}>={minimum}'")
 
 

@@ -39,8 +39,7 @@ def test_every_project_function_the_script_calls_exists_and_takes_its_arguments(
     for module, attr, _ in uses:
         assert hasattr(module, attr), f"gpu_check.sh ({name}.py) uses {module.__name__}.{attr}, which is gone"
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
-        hit = [(m, a) for m, a, node in uses if node is call.func]
-        fn = getattr(*hit[0]) if hit else None
+        fn = next((getattr(m, a) for m, a, node in uses if node is call.func), None)
         if not inspect.isfunction(fn) or any(isinstance(a, ast.Starred) for a in call.args):
             continue
         inspect.signature(fn).bind(*call.args, **{k.arg: k.value for k in call.keywords if k.arg})  # TypeError if not
@@ -52,19 +51,14 @@ def test_every_project_function_the_script_calls_exists_and_takes_its_arguments(
 
 
 def test_every_training_command_of_the_script_loads(monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    try:
-        import coldstart
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "configs"))
+    import coldstart
     monkeypatch.setattr(coldstart, "prepare", lambda *a, **k: "cold-start")  # the demo's model, not built here
-    demo = shlex.split(re.search(r'^D="(.*)"$', SCRIPT, re.M).group(1))
-    lines = [shlex.split(line.split("train.py", 1)[1].split(" --output_dir")[0].replace("$D", " ".join(demo)))
-             for line in SCRIPT.splitlines() if "train.py" in line and "--max_steps" in line]
-    lines += [shlex.split(line.split("nccl1.py\"", 1)[1].split(" --output_dir")[0].replace("$D", " ".join(demo))
-                          .replace("$m", m)) for line in SCRIPT.splitlines() if "nccl1.py\" $D" in line for m in ("ddp", "fsdp")]
-    assert len(lines) == 5
-    for argv in lines:
+    demo = re.search(r'^D="(.*)"$', SCRIPT, re.M).group(1)
+    commands = [demo + line.split("$D", 1)[1].split(" --output_dir")[0].replace("$m", m)  # train.py's and nccl1.py's
+                for line in SCRIPT.splitlines() if "$D " in line for m in (("ddp", "fsdp") if "$m" in line else ("",))]
+    assert len(commands) == 5
+    for argv in map(shlex.split, commands):
         cfg = configurator.load(argv)
         assert cfg.device == "cuda" and cfg.model_name == "cold-start" and cfg.max_steps in (3, 4, 6, 12)
 
