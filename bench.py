@@ -38,11 +38,12 @@ Rows (ratio = ours / peer, in the row's unit):
             (needs `pip install bitsandbytes accelerate`): on CPU fp32, 2 prompts x 4 completions of exactly 16
             tokens; on CUDA bf16, 8 x 8 x 256; seconds per step, and peak memory including the setup (loading
             the model, saved once by the parent: its build is not counted).
-  gpu       (CUDA only) the sampler vs HF generate on a random Qwen3-0.6B shape in bf16 at batch 1 and 64,
-            and at batch 64 with realistic lengths, tokens/s, and (fixed lengths) its memory-bandwidth use: the weight bytes its decode steps read per second
+  gpu       (CUDA only) the compiled sampler vs HF generate on a random Qwen3-0.6B shape in bf16 at batch 1
+            and 64, tokens/s, and its memory-bandwidth use: the weight bytes its decode steps read per second
             over a device-to-device copy's bytes per second (ratio = the fraction of the copy bandwidth);
-            the log-probs at Liger's shape (16 x 1024 tokens, hidden 4096, vocab 128256, bf16): ours,
-            the fused loss and the compiled fused loss vs naive, seconds and peak memory.
+            the compiled fused loss vs naive log-probs at Liger's shape (16 x 1024 tokens, hidden 4096,
+            vocab 128256, bf16), seconds and peak memory. --full adds the eager sampler, batch 64 with
+            realistic lengths, and the eager log-probs and fused loss.
   trl       the same NMGRPO step (neural_mirror, full fine-tuning against a frozen copy) on its two backends:
             train.train_step (native) vs one optimizer step of backend='trl' (trl_backend.build_trainer, TRL's
             GRPOTrainer with our regulariser, rewards and data), from one Config: 8 prompts x 8 completions of
@@ -652,12 +653,12 @@ def rows_gpu(full, repeats):
         print("gpu rows skipped: no CUDA device", file=sys.stderr)
         return
     copy = measure(case="copy", mib=4096, repeats=repeats)
-    for batch, lengths in ((1, "fixed"), (64, "fixed"), (64, "real")):
+    for batch, lengths in ((1, "fixed"), (64, "fixed"), (64, "real"))[: 3 if full else 2]:
         spec = dict(case="sampler", model="qwen3-0.6b", batch=batch, dtype="bf16", repeats=repeats,
                     **({"lengths": "real"} if lengths == "real" else {}))
         hf = measure(**spec, side="hf")
         shape = f"qwen3-0.6b bf16, batch {batch}" + (", realistic lengths" if lengths == "real" else "")
-        for side in ("ours", "compiled"):
+        for side in ("ours", "compiled") if full else ("compiled",):
             ours = measure(**spec, side=side)
             yield row(f"sampler {side} vs HF generate", shape, "tokens/s", ours, hf, lambda r: r["work"] / r["seconds"])
             if lengths == "real":
@@ -668,7 +669,7 @@ def rows_gpu(full, repeats):
                       lambda r: r["bytes"] / r["seconds"] / 1e9)
     shape = LOGPROB_SHAPES["liger"]
     naive = measure(case="logprobs", side="naive", shape=shape, repeats=repeats)
-    for side in ("ours", "fused", "fused_compiled"):
+    for side in ("ours", "fused", "fused_compiled") if full else ("fused_compiled",):
         ours = measure(case="logprobs", side=side, shape=shape, repeats=repeats)
         yield row(f"{side} vs naive log-probs", "16 x 1024 tok, hidden 4096, vocab 128256, bf16", "s", ours, naive,
                   lambda r: r["seconds"])

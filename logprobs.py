@@ -20,13 +20,16 @@ from common import compiled_call
 def _stats_(logits, targets):
     """Chosen-token log-prob, entropy and logsumexp (C,) of float32 logits (C, V), which become log-softmax."""
     lse = torch.logsumexp(logits, -1)
-    logp_all = logits.sub_(lse[:, None])
-    if torch.compiler.is_compiling():  # one fused reduction
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if torch.compiler.is_compiling():  # one fused reduction; outputs from the logits as read, the buffer written
+        logp_all = logits - lse[:, None]  # last (torch 2.11's inductor read a shorter view of it before the sub_)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
+        logits.sub_(lse[:, None])
     else:  # eagerly, a batched dot product saves a (C, V) temporary; in float32 (autocast would round it)
+        logp_all = logits.sub_(lse[:, None])
         with torch.autocast(logits.device.type, enabled=False):
             entropy = -torch.bmm(logp_all.exp()[:, None], logp_all[:, :, None]).flatten()
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy, lse
+    return logp, entropy, lse
 
 
 def _grad_(logp_all, targets, a, b, entropy):

@@ -66,10 +66,22 @@ def law(logits, temperature=1.0, top_k=0):
     return torch.softmax(logits, dim=-1)
 
 
+@torch.library.custom_op("nmgrpo::cdf", mutates_args=())
+def _cdf(probs: torch.Tensor) -> torch.Tensor:
+    """probs.cumsum(-1), opaque to torch.compile. Before torch 2.13, inductor fuses the split scan it makes of a
+    long cumsum over few rows (CUDA, fewer than twice the SM count) with a reduction over the same rows, which
+    it cannot generate (NYI TritonSplitDimKernel reductions): the compiled head fell back to eager. On a CPU,
+    where inductor fuses the cumsum with the softmax and is faster, draw calls torch.cumsum itself."""
+    return probs.cumsum(-1)
+
+
+_cdf.register_fake(torch.empty_like)
+
+
 def draw(probs, u, top_p=1.0):
     """The token (N,) of each row of probs (N, V) by inverse-CDF: each uniform of u (N, K) is a token; the first
     inside the top-p nucleus is the sample (rejection: exactly the nucleus), else the argmax."""
-    cdf = probs.cumsum(-1)
+    cdf = probs.cumsum(-1) if probs.device.type == "cpu" else _cdf(probs)  # (N, V)
     draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)  # first cdf > u: (N, K)
     if top_p >= 1.0:
         return draws[:, 0]

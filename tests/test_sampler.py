@@ -356,6 +356,28 @@ def test_choose_gives_the_token_of_next_token_and_its_log_prob(top_p, top_k, gre
     assert sampler._choose(logits, u, 0.7, top_p, top_k, greedy, False)[1] is None
 
 
+def test_a_compiled_draw_leaves_the_cumsum_to_aten_off_the_cpu():
+    """Inductor before torch 2.13 fuses the split scan it makes of a long cumsum over few rows (CUDA) with the
+    argmax over the same rows and fails to build: compiled sampling fell back to eager at batch 1 to 64 on an
+    H200. Off the CPU (here: meta tensors, traced like CUDA ones) the graph calls the opaque nmgrpo::cdf; on
+    the CPU, inductor's own cumsum, faster there."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 300, generator=gen).softmax(-1)
+    u = torch.rand(2, sampler.draws_per_row(0.9), generator=gen)
+    for device, op in (("meta", "nmgrpo.cdf"), ("cpu", "cumsum")):
+        graphs = []
+
+        def keep_graph(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        token = torch.compile(sampler.draw, backend=keep_graph, fullgraph=True)(probs.to(device), u.to(device), 0.9)
+        code = "\n".join(g.code for g in graphs)
+        assert op in code and ("cumsum" if op == "nmgrpo.cdf" else "nmgrpo.cdf") not in code
+    assert torch.equal(token, sampler.draw(probs, u, 0.9))
+    assert torch.equal(sampler._cdf(probs), probs.cumsum(-1))
+
+
 def test_next_token_accepts_half_precision_logits():
     gen = torch.Generator().manual_seed(0)
     tokens = sampler.next_token(LOGITS.to(torch.bfloat16).expand(N, -1), 1.0, 1.0, 0, gen)
